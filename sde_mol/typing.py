@@ -1,0 +1,32 @@
+"""jaxtyping aliases with named dimensions; the only place they are defined.
+
+Named dims used throughout sde_mol:
+  n_atoms   padded atom slots of one molecule (29 for QM9)
+  n_feat    invariant feature channels of the diffusion state (6 for QM9 with charges)
+  batch     molecules in a batch
+"""
+
+from typing import TypeAlias
+
+import jax
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+Positions: TypeAlias = Float[Array, "n_atoms 3"]
+Features: TypeAlias = Float[Array, "n_atoms n_feat"]
+NodeMask: TypeAlias = Bool[Array, " n_atoms"]
+EdgeMask: TypeAlias = Bool[Array, "n_atoms n_atoms"]
+Scalar: TypeAlias = Float[Array, ""] | float
+IntScalar: TypeAlias = Int[Array, ""] | int
+Key: TypeAlias = PRNGKeyArray
+Rotation: TypeAlias = Float[Array, "3 3"]
+
+BatchPositions: TypeAlias = Float[Array, "batch n_atoms 3"]
+BatchFeatures: TypeAlias = Float[Array, "batch n_atoms n_feat"]
+BatchNodeMask: TypeAlias = Bool[Array, "batch n_atoms"]
+
+# Host-side (numpy) arrays: decoded molecules handed to metrics and file writers.
+NpPositions: TypeAlias = Float[np.ndarray, "batch n_atoms 3"]
+NpAtomTypes: TypeAlias = Int[np.ndarray, "batch n_atoms"]  # index into the atom decoder, -1 on padding
+
+ArrayLike: TypeAlias = jax.typing.ArrayLike
