@@ -1,0 +1,369 @@
+"""Samplers: from the prior to molecules, for ONE molecule (vmap for batches; `sample_molecules` batches).
+
+Every `*_sample(denoiser, sde, mask, n_feat, *, key, ...)` returns `(molecule, nfe)`: the sample in the
+normalised state (decode with `decode`) and the number of denoiser evaluations. Each is prior -> a `*_solve`
+from t_max to t_min (public, reusable with any start state and grid) -> one final denoiser call:
+
+* ancestral: EDM's p(z_s | z_t) chain (Hoogeboom et al. 2022, facts section 5), then EDM's p(x, h | z_0).
+* DDIM (Song et al. 2021): deterministic for eta = 0, DDPM-like for eta = 1.
+* PF-ODE: `diffrax.diffeqsolve` of dz/dt = f z - g^2/2 score on a fixed grid (StepTo) or adaptively (PID).
+* reverse SDE: Euler-Maruyama of dz = (f z - g^2 score) dt + g dW_bar through diffrax, CoM-free noise.
+
+Time grids (`grid`): "uniform" in the SDE's time, or "karras" (rho-spaced in sigma / alpha); see
+`schedules.time_grid`. Keys: per-step keys `jr.fold_in(key, step)`; in `sample_molecules` molecule i uses
+`jr.fold_in(key, i)` for its size and its sample, so it does not depend on the batch size.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .data.qm9 import DatasetInfo
+from .denoisers import AbstractDenoiser, eps_to_x0, x0_to_eps
+from .molecule import Molecule, com_free_normal, project, remove_com
+from .schedules import GridSpacing, time_grid
+from .sde import AbstractSDE
+from .terms import SolverName, pf_ode_term, reverse_sde_terms, solver_evals, solver_from_name
+from .typing import Key, NodeMask, Scalar
+
+Grid = GridSpacing  # "uniform" | "karras", see schedules.time_grid
+Times = Float[Array, " n_times"]
+NFE = Int[Array, ""]
+
+
+# --- ancestral (EDM) -------------------------------------------------------------------------------------
+
+
+def ancestral_mean_std(
+    denoiser: AbstractDenoiser, sde: AbstractSDE, s: Scalar, t: Scalar, z: Molecule, mask: NodeMask
+) -> tuple[Molecule, Float[Array, ""]]:
+    """Mean and std of p(z_s | z_t), s < t (EDM): with eps_hat = denoiser.eps(t, z_t),
+    mu = z_t / alpha_{t|s} - sigma^2_{t|s} / (alpha_{t|s} sigma_t) eps_hat, std = sigma_{t|s} sigma_s / sigma_t."""
+    alpha_ts, sigma2_ts = sde.transition(s, t)
+    _, sigma_s = sde.marginal(s)
+    _, sigma_t = sde.marginal(t)
+    eps = denoiser.eps(t, z, mask)
+    mu = z / alpha_ts - (sigma2_ts / (alpha_ts * sigma_t)) * eps
+    return mu, jnp.sqrt(sigma2_ts) * sigma_s / sigma_t
+
+
+def ancestral_step(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    s: Scalar,
+    t: Scalar,
+    z: Molecule,
+    mask: NodeMask,
+    noise: Molecule,
+) -> Molecule:
+    """z_s = mu + std * noise, re-projected (positions CoM-free). `noise`: standard normal on the state
+    space (`com_free_normal`); passed in, so the step is a deterministic function (fixture parity)."""
+    mu, std = ancestral_mean_std(denoiser, sde, s, t, z, mask)
+    return project(mu + std * noise, mask)
+
+
+def edm_final_decode(
+    denoiser: AbstractDenoiser, sde: AbstractSDE, t: Scalar, z0: Molecule, mask: NodeMask, noise: Molecule
+) -> Molecule:
+    """EDM's p(x, h | z_0): x = x_hat + (sigma_0 / alpha_0) noise with x_hat = (z_0 - sigma_0 eps_hat) / alpha_0
+    (positions, CoM-free), and the features of z_0 itself (not of x_hat), still normalised."""
+    alpha, sigma = sde.marginal(t)
+    x_hat = eps_to_x0(denoiser.eps(t, z0, mask), z0, alpha, sigma)
+    positions = remove_com(x_hat.positions + (sigma / alpha) * noise.positions, mask)
+    return Molecule(positions, z0.features * mask[:, None])
+
+
+def ancestral_solve(
+    denoiser: AbstractDenoiser, sde: AbstractSDE, z: Molecule, mask: NodeMask, ts: Times, *, key: Key
+) -> Molecule:
+    """Run the ancestral chain along the decreasing grid `ts` (ts[0] -> ts[-1]); step i uses
+    `jr.fold_in(key, i)`."""
+
+    def body(i, z):
+        noise = com_free_normal(jr.fold_in(key, i), mask, z.n_feat)
+        return ancestral_step(denoiser, sde, ts[i + 1], ts[i], z, mask, noise)
+
+    return jax.lax.fori_loop(0, ts.shape[0] - 1, body, z)
+
+
+def ancestral_sample(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    mask: NodeMask,
+    n_feat: int,
+    *,
+    key: Key,
+    n_steps: int = 1000,
+    grid: Grid = "uniform",
+    rho: float = 7.0,
+) -> tuple[Molecule, NFE]:
+    """EDM's sampler: prior, n_steps ancestral steps t_max -> t_min, final decode. With the discrete EDM
+    SDE, n_steps = T and the uniform grid this is the reference loop s = T-1..0, t = (s+1)/T."""
+    k_prior, k_steps, k_final = jr.split(key, 3)
+    ts = time_grid(sde, n_steps, grid, rho)
+    z = sde.prior(mask, n_feat, key=k_prior)
+    z = ancestral_solve(denoiser, sde, z, mask, ts, key=k_steps)
+    out = edm_final_decode(denoiser, sde, ts[-1], z, mask, com_free_normal(k_final, mask, n_feat))
+    return out, jnp.asarray(n_steps + 1, jnp.int32)
+
+
+# --- DDIM ------------------------------------------------------------------------------------------------
+
+
+def ddim_step(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    s: Scalar,
+    t: Scalar,
+    z: Molecule,
+    mask: NodeMask,
+    *,
+    eta: Scalar,
+    key: Key,
+) -> Molecule:
+    """DDIM update z_t -> z_s (Song et al. 2021, generalised to any SDE):
+    z_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c noise, c = eta sigma_{t|s} sigma_s / sigma_t
+    (eta = 1: the posterior q(z_s | z_t, x0_hat) std; eta = 0: deterministic). Requires 0 <= eta <= 1."""
+    alpha_s, sigma_s = sde.marginal(s)
+    alpha_t, sigma_t = sde.marginal(t)
+    _, sigma2_ts = sde.transition(s, t)
+    x0 = denoiser(t, z, mask)
+    eps = x0_to_eps(x0, z, alpha_t, sigma_t)
+    c2 = eta**2 * sigma2_ts * (sigma_s / sigma_t) ** 2
+    # sigma_s^2 - c^2 >= 0 for eta <= 1 since sigma^2_{t|s} <= sigma_t^2; the clamp only absorbs round-off
+    keep = jnp.sqrt(jnp.maximum(sigma_s**2 - c2, 0.0))
+    noise = com_free_normal(key, mask, z.n_feat)
+    return project(alpha_s * x0 + keep * eps + jnp.sqrt(c2) * noise, mask)
+
+
+def ddim_solve(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    z: Molecule,
+    mask: NodeMask,
+    ts: Times,
+    *,
+    eta: Scalar = 0.0,
+    key: Key,
+) -> Molecule:
+    """DDIM along the decreasing grid `ts`; step i uses `jr.fold_in(key, i)`."""
+
+    def body(i, z):
+        return ddim_step(denoiser, sde, ts[i + 1], ts[i], z, mask, eta=eta, key=jr.fold_in(key, i))
+
+    return jax.lax.fori_loop(0, ts.shape[0] - 1, body, z)
+
+
+def ddim_sample(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    mask: NodeMask,
+    n_feat: int,
+    *,
+    key: Key,
+    n_steps: int = 100,
+    eta: Scalar = 0.0,
+    grid: Grid = "uniform",
+    rho: float = 7.0,
+) -> tuple[Molecule, NFE]:
+    """Prior, n_steps DDIM steps t_max -> t_min, then x0 = denoiser(t_min, z)."""
+    k_prior, k_steps = jr.split(key)
+    ts = time_grid(sde, n_steps, grid, rho)
+    z = ddim_solve(denoiser, sde, sde.prior(mask, n_feat, key=k_prior), mask, ts, eta=eta, key=k_steps)
+    return denoiser(ts[-1], z, mask), jnp.asarray(n_steps + 1, jnp.int32)
+
+
+# --- PF-ODE and reverse SDE through diffrax --------------------------------------------------------------
+
+
+def _last(ys: Molecule) -> Molecule:
+    return jax.tree.map(lambda a: a[-1], ys)
+
+
+def pf_ode_solve(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    z: Molecule,
+    mask: NodeMask,
+    ts: Times,
+    *,
+    solver: SolverName | dfx.AbstractSolver = "heun",
+    adaptive: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    max_steps: int = 4096,
+) -> tuple[Molecule, NFE]:
+    """Integrate the PF-ODE from ts[0] to ts[-1] (either direction): on the grid `ts` (StepTo), or with a
+    PID controller starting from the step ts[1] - ts[0] (`adaptive`). Returns (z(ts[-1]), nfe)."""
+    solver = solver_from_name(solver) if isinstance(solver, str) else solver
+    if adaptive:
+        # PI coefficients from diffrax's guidance: far fewer rejected steps than the pure I-controller here
+        controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4)
+        dt0 = ts[1] - ts[0]
+    else:
+        controller, dt0, max_steps = dfx.StepTo(ts), None, ts.shape[0] - 1
+    sol = dfx.diffeqsolve(
+        pf_ode_term(denoiser, sde),
+        solver,
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=dt0,
+        y0=z,
+        args=mask,
+        stepsize_controller=controller,
+        saveat=dfx.SaveAt(t1=True),
+        max_steps=max_steps,
+    )
+    per_step, at_init = solver_evals(solver)
+    nfe = sol.stats["num_steps"] * per_step + at_init
+    return _last(sol.ys), jnp.asarray(nfe, jnp.int32)
+
+
+def pf_ode_sample(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    mask: NodeMask,
+    n_feat: int,
+    *,
+    key: Key,
+    solver: SolverName | dfx.AbstractSolver = "heun",
+    n_steps: int = 50,
+    grid: Grid = "uniform",
+    rho: float = 7.0,
+    adaptive: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> tuple[Molecule, NFE]:
+    """Prior, PF-ODE t_max -> t_min (fixed grid of n_steps, or adaptive), then x0 = denoiser(t_min, z)."""
+    ts = time_grid(sde, n_steps, grid, rho)
+    z0 = sde.prior(mask, n_feat, key=key)
+    z, nfe = pf_ode_solve(denoiser, sde, z0, mask, ts, solver=solver, adaptive=adaptive, rtol=rtol, atol=atol)
+    return denoiser(ts[-1], z, mask), nfe + 1
+
+
+def reverse_sde_solve(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    z: Molecule,
+    mask: NodeMask,
+    ts: Times,
+    *,
+    key: Key,
+    brownian_tol: float | None = None,
+) -> Molecule:
+    """Euler-Maruyama of the reverse-time SDE along the decreasing grid `ts` (diffrax `Euler` on
+    drift + CoM-free diffusion terms)."""
+    terms = reverse_sde_terms(denoiser, sde, mask, z.n_feat, key=key, brownian_tol=brownian_tol)
+    sol = dfx.diffeqsolve(
+        terms,
+        dfx.Euler(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=None,
+        y0=z,
+        args=mask,
+        stepsize_controller=dfx.StepTo(ts),
+        saveat=dfx.SaveAt(t1=True),
+        max_steps=ts.shape[0] - 1,
+        # UnsafeBrownianPath supports forward-mode differentiation only
+        adjoint=dfx.ForwardMode() if brownian_tol is None else dfx.RecursiveCheckpointAdjoint(),
+    )
+    return _last(sol.ys)
+
+
+def reverse_sde_sample(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    mask: NodeMask,
+    n_feat: int,
+    *,
+    key: Key,
+    n_steps: int = 500,
+    grid: Grid = "uniform",
+    rho: float = 7.0,
+    brownian_tol: float | None = None,
+) -> tuple[Molecule, NFE]:
+    """Prior, reverse SDE t_max -> t_min with n_steps Euler-Maruyama steps, then x0 = denoiser(t_min, z)."""
+    k_prior, k_path = jr.split(key)
+    ts = time_grid(sde, n_steps, grid, rho)
+    z = sde.prior(mask, n_feat, key=k_prior)
+    z = reverse_sde_solve(denoiser, sde, z, mask, ts, key=k_path, brownian_tol=brownian_tol)
+    return denoiser(ts[-1], z, mask), jnp.asarray(n_steps + 1, jnp.int32)
+
+
+# --- decoding and batching -------------------------------------------------------------------------------
+
+
+def decode(
+    mol: Molecule, mask: NodeMask, info: DatasetInfo
+) -> tuple[Float[Array, "n_atoms 3"], Int[Array, " n_atoms"], Int[Array, " n_atoms"]]:
+    """Normalised state -> (positions in Angstrom, atom type index (-1 on padding), charge (0 on padding)).
+
+    EDM's inverse normalisation: positions * norm_x + b_x; atom type = argmax of the class channels (ties to
+    the lowest index); charge = round-half-even(charge channel * norm_charge + b_charge), or the type's atomic
+    number when the dataset has no charge channel."""
+    (n_x, n_h, n_c), (b_x, b_h, b_c) = info.norm_values, info.norm_biases
+    positions = (mol.positions * n_x + b_x) * mask[:, None]
+    classes = mol.features[:, : info.n_types] * n_h + b_h
+    types = jnp.where(mask, jnp.argmax(classes, axis=-1), -1).astype(jnp.int32)
+    if info.include_charges:
+        charge = jnp.round(mol.features[:, info.n_types] * n_c + b_c).astype(jnp.int32)
+    else:
+        charge = jnp.asarray(info.atomic_numbers, jnp.int32)[jnp.maximum(types, 0)]
+    return positions, types, jnp.where(mask, charge, 0)
+
+
+class Samples(NamedTuple):
+    """Decoded molecules on the host, padded to `info.max_n_atoms` slots."""
+
+    positions: np.ndarray  # (n, max_n_atoms, 3) float32, Angstrom, zero on padding
+    atom_types: np.ndarray  # (n, max_n_atoms) int32, index into info.atom_decoder, -1 on padding
+    charges: np.ndarray  # (n, max_n_atoms) int32, 0 on padding
+    n_atoms: np.ndarray  # (n,) int32
+    nfe: np.ndarray  # (n,) int32 denoiser evaluations per molecule
+
+
+SamplerFn = Callable[..., tuple[Molecule, NFE]]  # (mask, *, key) -> (molecule, nfe)
+
+
+def _sample_one(
+    index: Int[Array, ""], sampler_fn: SamplerFn, key: Key, probs: Float[Array, " n_sizes"], info: DatasetInfo
+):
+    k_size, k_sample = jr.split(jr.fold_in(key, index))
+    n_atoms = jr.choice(k_size, probs.shape[0], p=probs).astype(jnp.int32)
+    mask = jnp.arange(info.max_n_atoms) < n_atoms
+    mol, nfe = sampler_fn(mask, key=k_sample)
+    positions, types, charges = decode(mol, mask, info)
+    return positions, types, charges, n_atoms, nfe
+
+
+# One compiled function per (batch size, sampler structure, info), cached across calls: `sampler_fn`'s arrays
+# are traced, its non-array leaves (step counts, solver names) and `info` are static.
+_sample_batch = eqx.filter_jit(eqx.filter_vmap(_sample_one, in_axes=(0, None, None, None, None)))
+
+
+def sample_molecules(
+    sampler_fn: SamplerFn, n: int, info: DatasetInfo, *, key: Key, batch_size: int, start: int = 0
+) -> Samples:
+    """Draw molecules start..n-1: sizes M ~ p(M) (`info.size_probs()`), then `sampler_fn(mask, key=...)`.
+
+    Molecule i uses `jr.fold_in(key, i)` only, so it is the same for every batch size and every `start`
+    (sampling 0..b-1 then b..n-1 gives the same n molecules as 0..n-1 at once). Batches have a fixed shape
+    (the last one is filled up and trimmed), so sampling compiles once per batch size and sampler. Pass
+    `sampler_fn` as an `eqx.Partial` (e.g. `eqx.Partial(pf_ode_sample, denoiser, sde, n_feat=6)`) so that
+    model weights are traced arguments rather than constants baked into the compiled program.
+    """
+    probs = jnp.asarray(info.size_probs(), jnp.float32)
+    chunks = []
+    for first in range(start, n, batch_size):
+        index = jnp.arange(first, first + batch_size, dtype=jnp.int32)
+        chunks.append(jax.device_get(_sample_batch(index, sampler_fn, key, probs, info)))
+    fields = [np.concatenate(parts)[: n - start] for parts in zip(*chunks, strict=True)]
+    return Samples(*fields)
