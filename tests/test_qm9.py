@@ -146,3 +146,33 @@ def test_encode_and_batch_iterator():
     other = next(it.epoch(1))
     assert not np.array_equal(other.positions, batches[0].positions)
     assert len(BatchIterator(split, info, 64, drop_last=True)) == 15
+
+
+def test_bucketed_batches_cover_each_molecule_once():
+    split = qm9.load_qm9("valid").subset(slice(0, 3000))
+    info = qm9.qm9_info()
+    it = BatchIterator(split, info, 32, seed=1, buckets=(17, 20, 23, 29), drop_last=False)
+    seen = []
+    caps = set()
+    for b in it.epoch(0):
+        cap = b.positions.shape[1]
+        caps.add(cap)
+        assert b.features.shape == (32, cap, 6) and b.mask.shape == (32, cap)
+        real = b.weight > 0
+        # every molecule fits its bucket and is in the smallest bucket that holds it
+        assert np.all(b.n_atoms <= cap)
+        lower = max([c for c in it.buckets if c < cap], default=0)
+        assert np.all(b.n_atoms[real] > lower)
+        assert np.array_equal(b.mask.sum(1), b.n_atoms)
+        seen.extend(zip(b.n_atoms[real].tolist(), b.positions[real].sum((1, 2)).round(4).tolist(), strict=True))
+    assert len(seen) == 3000 and caps == {17, 20, 23, 29}
+    assert len(it) == len(list(it.epoch(3)))
+    # the full-capacity iterator and the bucketed one contain the same molecules
+    ref = BatchIterator(split, info, 32, seed=1, drop_last=False)
+    ref_seen = []
+    for b in ref.epoch(0):
+        real = b.weight > 0
+        ref_seen.extend(zip(b.n_atoms[real].tolist(), b.positions[real].sum((1, 2)).round(4).tolist(), strict=True))
+    assert sorted(seen) == sorted(ref_seen)
+    with pytest.raises(ValueError, match="largest molecule"):
+        BatchIterator(split, info, 32, buckets=(17, 20))

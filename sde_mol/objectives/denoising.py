@@ -1,0 +1,126 @@
+"""Denoising objectives: EDM's eps-L2 (bit-for-bit the reference's training loss), Karras et al.'s EDM loss,
+and a continuous-time denoising loss for any AbstractSDE.
+
+EDM (facts §3.3): t_int ~ U{0..T}; z_t = alpha_t x + sigma_t eps with CoM-free eps;
+    err = ||eps - eps_hat||^2 / ((3 + n_feat) * N_pad),  L = 0.5 err                  (t_int > 0)
+    L = -log p(x, h | z_0 := z_t) with the x-error also divided by (3 + n_feat) * N_pad   (t_int = 0)
+plus the KL prior and -log p(M), reported but carrying no gradient. N_pad is the padded width: EDM pads each
+batch to its largest molecule; sde_mol pads to a fixed capacity (29 for QM9) for static shapes, so by default
+N_pad = capacity, which rescales the loss by a constant (Adam is invariant to it). Set `n_pad` to reproduce a
+specific reference batch.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float
+
+from ..data.qm9 import DatasetInfo
+from ..likelihood import kl_prior, log_p_xh_given_z0
+from ..molecule import Molecule, com_free_normal, n_real, project
+from ..typing import IntScalar, Key, NodeMask
+from .base import AbstractObjective
+
+
+def _sq_err(a: Molecule, b: Molecule, mask: NodeMask) -> Float[Array, ""]:
+    m = mask[:, None]
+    return jnp.sum(jnp.where(m, (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
+        jnp.where(m, (a.features - b.features) ** 2, 0.0)
+    )
+
+
+class EDMEpsLoss(AbstractObjective):
+    """EDM's training loss (eps-prediction, L2, SNR weight 1, t = 0 likelihood branch)."""
+
+    info: DatasetInfo = eqx.field(static=True)
+    timesteps: int = eqx.field(static=True, default=1000)
+    n_pad: int | None = eqx.field(static=True, default=None)
+
+    def terms(self, model, x: Molecule, mask: NodeMask, t_int: Array, eps: Molecule) -> dict[str, Float[Array, ""]]:
+        """All per-molecule terms for a given step and noise (the fixture's loss_* keys)."""
+        sde = model.sde
+        T = self.timesteps
+        n_pad = mask.shape[0] if self.n_pad is None else self.n_pad
+        t = t_int / T
+        alpha_t, sigma_t = sde.marginal(t)
+        z_t = project(alpha_t * x + sigma_t * eps, mask)
+        eps_hat = model.eps(t, z_t, mask)
+        norm = float((3 + x.n_feat) * n_pad)
+        error = _sq_err(eps, eps_hat, mask) / norm
+        gamma_t = sde.gamma(t)
+        term_0 = -log_p_xh_given_z0(x, z_t, eps, eps_hat, mask, gamma_t, self.info, x_error_norm=norm)
+        t_term = jnp.where(t_int == 0, term_0, 0.5 * error)
+        kl = jax.lax.stop_gradient(kl_prior(x, mask, sde.gamma(jnp.ones(()))))
+        log_pn = jnp.asarray(self.info.size_log_prob(np.arange(self.info.max_n_atoms + 1)))
+        neg_log_pn = -log_pn[n_real(mask).astype(jnp.int32)]
+        l2 = kl + t_term
+        return {
+            "error": error,
+            "term_0": term_0,
+            "t_term": t_term,
+            "kl_prior": kl,
+            "l2_per_mol": l2,
+            "neg_log_pn": neg_log_pn,
+            "total": l2 + neg_log_pn,
+        }
+
+    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+        kt, ke = jr.split(key)
+        t_int = jr.randint(kt, (), 0, self.timesteps + 1)
+        eps = com_free_normal(ke, mask, mol.n_feat, mol.positions.dtype)
+        terms = self.terms(model, mol, mask, t_int, eps)
+        return terms["total"], {"l2": 0.5 * terms["error"], "kl_prior": terms["kl_prior"]}
+
+
+class KarrasLoss(AbstractObjective):
+    """Karras et al. (2022) EDM loss for a `KarrasDenoiser`: log sigma ~ N(p_mean, p_std^2) in the scaled noise
+    level sigma/alpha, weight lambda = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, x0-prediction L2,
+    averaged over state-space dimensions. The diffusion time is found from sigma by the SDE's inverse."""
+
+    p_mean: float = eqx.field(static=True, default=-1.2)
+    p_std: float = eqx.field(static=True, default=1.2)
+
+    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+        ks, ke = jr.split(key)
+        sde = model.sde
+        sigma = jnp.exp(self.p_mean + self.p_std * jr.normal(ks, ()))
+        t = sde.t_from_logsnr(-2.0 * jnp.log(sigma))
+        alpha_t, sigma_t = sde.marginal(t)
+        eps = com_free_normal(ke, mask, mol.n_feat, mol.positions.dtype)
+        z = project(alpha_t * mol + sigma_t * eps, mask)
+        x0_hat = model(t, z, mask)
+        sd = model.sigma_data
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        dim = (n_real(mask) - 1.0) * 3.0 + n_real(mask) * mol.n_feat
+        loss = weight * _sq_err(x0_hat, mol, mask) / dim
+        return loss, {"sigma": sigma}
+
+
+class ContinuousDenoisingLoss(AbstractObjective):
+    """Continuous-time denoising for any AbstractSDE: t ~ U(t_min, t_max), z_t from the marginal, and an L2
+    error of the chosen prediction target (eps, x0 or v), averaged over state-space dimensions."""
+
+    target: str = eqx.field(static=True, default="eps")
+
+    def __check_init__(self):
+        if self.target not in ("eps", "x0", "v"):
+            raise ValueError(f"ContinuousDenoisingLoss.target must be 'eps', 'x0' or 'v', got {self.target!r}")
+
+    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+        kt, ke = jr.split(key)
+        sde = model.sde
+        t = jr.uniform(kt, (), minval=sde.t_min, maxval=sde.t_max)
+        alpha_t, sigma_t = sde.marginal(t)
+        eps = com_free_normal(ke, mask, mol.n_feat, mol.positions.dtype)
+        z = project(alpha_t * mol + sigma_t * eps, mask)
+        x0_hat = model(t, z, mask)
+        dim = (n_real(mask) - 1.0) * 3.0 + n_real(mask) * mol.n_feat
+        if self.target == "x0":
+            err = _sq_err(x0_hat, mol, mask)
+        elif self.target == "eps":
+            err = _sq_err(x0_hat, mol, mask) * (alpha_t / sigma_t) ** 2  # ||eps_hat - eps||^2
+        else:
+            err = _sq_err(x0_hat, mol, mask) * (alpha_t**2 + sigma_t**2) ** 2 / sigma_t**2  # ||v_hat - v||^2
+        return err / dim, {"t": t}
