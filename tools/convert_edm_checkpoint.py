@@ -33,13 +33,20 @@ import numpy as np
 import tyro
 
 from sde_mol import checkpoint
+from sde_mol.data.qm9 import DatasetInfo, qm9_info
 from sde_mol.denoisers import EpsDenoiser
+from sde_mol.likelihood import vlb_terms
+from sde_mol.molecule import Molecule
 from sde_mol.nn.convert import egnn_config_from_edm, egnn_from_state_dict
 from sde_mol.nn.egnn import EGNN
+from sde_mol.objectives.denoising import EDMEpsLoss
+from sde_mol.samplers import ancestral_step, decode, edm_final_decode
 from sde_mol.sde import DiscreteVPSDE
 
 TOL_F32 = 1e-5
 TOL_F64 = 1e-9
+TOL_ELEMENT = 1e-5  # per-element state arrays (z_s, decoded positions), absolute
+TOL_SCALAR = 2e-5  # per-molecule loss / NLL values, relative to (|value| + 1)
 T_STEPS = 1000  # EDM's diffusion_steps for QM9; network time is t_int / T
 
 
@@ -196,7 +203,97 @@ def check_network(fx: Fixture) -> dict[str, tuple[float, float]]:
     return results
 
 
-CHECKS: tuple[Check, ...] = (check_network,)
+def _fixture_denoiser(fx: Fixture) -> EpsDenoiser:
+    params = {k[len("param/") :]: v for k, v in fx.items() if k.startswith("param/")}
+    return convert(params, json.loads(str(fx["config_json"])))
+
+
+def _mols(fx: Fixture, key: str) -> Molecule:
+    a = jnp.asarray(fx[key], jnp.float32)
+    return Molecule(a[..., :3], a[..., 3:])
+
+
+def _step_time(t_int) -> jnp.ndarray:
+    return jnp.asarray(np.asarray(t_int, np.float32) / np.float32(T_STEPS))
+
+
+def check_schedule(fx: Fixture) -> dict[str, tuple[float, float]]:
+    """The gamma table built from the schedule's definition, and alpha/sigma at the fixture's times."""
+    sde = DiscreteVPSDE.edm_polynomial(T_STEPS, 2.0, 1e-5)
+    out = {"gamma": (_max_err(sde.gamma_table, fx["gamma"]), 0.0)}
+    if "sched_t" in fx:
+        alpha, sigma = jax.vmap(sde.marginal)(jnp.asarray(fx["sched_t"]))
+        out["sched_alpha"] = (float(np.max(np.abs(np.asarray(alpha) / fx["sched_alpha"] - 1))), 1e-6)
+        out["sched_sigma"] = (float(np.max(np.abs(np.asarray(sigma) / fx["sched_sigma"] - 1))), 1e-6)
+    return out
+
+
+def check_sampling(fx: Fixture) -> dict[str, tuple[float, float]]:
+    """One ancestral step and the final decode p(x, h | z_0), end to end with the converted network."""
+    if "anc_zt" not in fx:
+        return {}
+    den = _fixture_denoiser(fx)
+    mask = jnp.asarray(fx["node_mask"][..., 0] > 0)
+    info = DatasetInfo(size_counts=(1,) * 30)
+    with jax.default_matmul_precision("highest"):
+        zs = jax.vmap(lambda s, t, z, m, n: ancestral_step(den, den.sde, s, t, z, m, n))(
+            _step_time(fx["anc_s"]), _step_time(fx["anc_t"]), _mols(fx, "anc_zt"), mask, _mols(fx, "anc_noise")
+        )
+        dec = jax.vmap(lambda z, m, n: edm_final_decode(den, den.sde, jnp.zeros(()), z, m, n))(
+            _mols(fx, "dec_z0"), mask, _mols(fx, "dec_noise")
+        )
+    positions, types, charges = jax.vmap(lambda z, m: decode(z, m, info))(dec, mask)
+    one_hot = np.where(np.asarray(mask)[..., None], np.eye(5)[np.maximum(np.asarray(types), 0)], 0)
+    return {
+        "anc_zs": (_max_err(zs.to_array(), fx["anc_zs"]), TOL_ELEMENT),
+        "dec_x": (_max_err(positions, fx["dec_x"]), TOL_ELEMENT),
+        "dec_one_hot": (_max_err(one_hot, fx["dec_one_hot"]), 0.0),
+        "dec_charges": (_max_err(charges, fx["dec_charges"][..., 0]), 0.0),
+    }
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / (np.abs(b) + 1.0)))
+
+
+def check_losses(fx: Fixture) -> dict[str, tuple[float, float]]:
+    """EDM's training loss (fixed t and noise) and evaluation NLL terms, per molecule."""
+    if "loss_t_int" not in fx:
+        return {}
+    den = _fixture_denoiser(fx)
+    settings = json.loads(str(fx["config_json"]))
+    info = fixture_info(settings)
+    mask = jnp.asarray(fx["node_mask"][..., 0] > 0)
+    xh = _mols(fx, "xh_norm")
+    objective = EDMEpsLoss(info, timesteps=T_STEPS, n_pad=int(mask.shape[1]))
+    with jax.default_matmul_precision("highest"):
+        loss = jax.vmap(lambda x, m, t, e: objective.terms(den, x, m, t, e))(
+            xh, mask, jnp.asarray(fx["loss_t_int"]), _mols(fx, "loss_eps")
+        )
+        nll = jax.vmap(lambda x, m, t, e, e0: vlb_terms(den, x, m, info, t, e, e0, timesteps=T_STEPS))(
+            xh, mask, jnp.asarray(fx["nll_t_int"]), _mols(fx, "nll_eps"), _mols(fx, "nll_eps0")
+        )
+    return {
+        "loss_l2_total_per_mol": (_rel_err(loss["total"], fx["loss_l2_total_per_mol"]), TOL_SCALAR),
+        "loss_l2_batch": (_rel_err(np.mean(loss["total"]), fx["loss_l2_batch"]), TOL_SCALAR),
+        "nll_per_mol": (_rel_err(nll["nll"], fx["nll_per_mol"]), TOL_SCALAR),
+        "nll_batch": (_rel_err(np.mean(nll["nll"]), fx["nll_batch"]), TOL_SCALAR),
+    }
+
+
+def fixture_info(settings: dict) -> DatasetInfo:
+    """DatasetInfo with the fixture's size histogram (config_json), else QM9's."""
+    hist = settings.get("n_nodes_histogram")
+    if not isinstance(hist, dict):
+        return qm9_info()
+    counts = [0] * 30
+    for m, c in hist.items():
+        counts[int(m)] = int(c)
+    return DatasetInfo(size_counts=tuple(counts))
+
+
+CHECKS: tuple[Check, ...] = (check_network, check_schedule, check_sampling, check_losses)
 
 
 def run_checks(fixture_path: Path, checks: tuple[Check, ...] = CHECKS) -> tuple[bool, dict]:
