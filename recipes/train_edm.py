@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, metrics
+from sde_mol import checkpoint, distributed, metrics
 from sde_mol.configs import (
     DataConfig,
     DenoiserConfig,
@@ -46,7 +46,16 @@ from sde_mol.likelihood import vlb_nll
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.samplers import sample_molecules
-from sde_mol.train import LoopConfig, count_params, host_batches, init_state, make_step, run_loop, to_device
+from sde_mol.train import (
+    LoopConfig,
+    compute_dtype_from,
+    count_params,
+    host_batches,
+    init_state,
+    make_step,
+    run_loop,
+    to_device,
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ def make_evaluate(cfg: Config, info):
 
 
 def main(cfg: Config) -> None:
+    distributed.initialise()  # multi-host runs only (see sde_mol/distributed.py); a no-op otherwise
     if cfg.resume is not None:
         header = checkpoint.read_header(cfg.resume)
         stored = from_dict(ModelSpec, header["config"]["spec"])
@@ -169,7 +179,13 @@ def main(cfg: Config) -> None:
         state = init_state(build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed)), optimizer)
     print(f"trainable parameters: {count_params(state.model):,}; train molecules {len(train):,}")
     objective = EDMEpsLoss(info, timesteps=cfg.spec.sde.timesteps)
-    step_fn = make_step(objective, optimizer, ema_decay=cfg.optim.ema_decay)
+    step_fn = make_step(
+        objective,
+        optimizer,
+        ema_decay=cfg.optim.ema_decay,
+        donate=True,  # run_loop never reuses a consumed state
+        compute_dtype=compute_dtype_from(cfg.train.precision),
+    )
 
     def save(path, st):
         checkpoint.save(path, st, kind="train_state", config=hcfg, step=int(st.step))

@@ -7,6 +7,10 @@ With z = alpha x0 + sigma eps:
 * score = (alpha x0 - z) / sigma^2 = -eps / sigma,
 * v = alpha eps - sigma x0 (Salimans & Ho 2022), x0 = (alpha z - sigma v) / (alpha^2 + sigma^2).
 
+Consistency functions (Song et al. 2023) are denoisers too: `ConsistencyFunction` (Song's sigma_data form) and
+`EpsConsistencyFunction` (EDM's eps network, for initialising a student from an EDM checkpoint) map a state at
+time t to the end point of its probability-flow ODE trajectory, with f(t_min, z) = z / alpha(t_min) exactly.
+
 Networks are any callable with the EGNN signature `net(x (n_atoms, 3), h (n_atoms, n_feat), mask (n_atoms,),
 t ()) -> (dx (n_atoms, 3), h_out (n_atoms, n_feat))` for ONE molecule; every network output is projected onto
 the state space (CoM-free positions, zero padding) here, in the wrapper.
@@ -132,3 +136,66 @@ class KarrasDenoiser(AbstractX0Denoiser):
         z_scaled = z / alpha
         out = _network_output(self.net, c_in * z_scaled, mask, c_noise)
         return c_skip * z_scaled + c_out * out
+
+
+# --- consistency functions (Song et al. 2023) ------------------------------------------------------------
+
+
+def consistency_coefficients(
+    scaled_sigma: Scalar, scaled_sigma_min: Scalar, sigma_data: Scalar
+) -> tuple[Real, Real]:
+    """Song et al. (2023, Appendix C) skip and output scales at noise level s = sigma / alpha:
+    c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = sd (s - s_min) / sqrt(sd^2 + s^2).
+    At s = s_min they are exactly 1 and 0 (a zero difference, no rounding); for s >> s_min they approach
+    Karras' c_skip and c_out, so a network trained under `KarrasDenoiser` is a good initial F (ECT)."""
+    s = jnp.asarray(scaled_sigma, jnp.float32)
+    delta = s - scaled_sigma_min
+    c_skip = sigma_data**2 / (delta**2 + sigma_data**2)
+    c_out = sigma_data * delta / jnp.sqrt(sigma_data**2 + s**2)
+    return c_skip, c_out
+
+
+class ConsistencyFunction(AbstractX0Denoiser):
+    """Consistency function f(t, z) = c_skip z~ + c_out F(c_in z~, c_noise) on the same networks as the
+    denoisers (any callable with the EGNN signature; `net` is what training updates).
+
+    VE view: with z~ = z / alpha = x0 + s eps and s = sigma / alpha, every SDE is the VE process x + s eps in
+    z~, and f maps z~ at noise level s to the trajectory's end point at s_min = s(t_min). c_skip and c_out are
+    Song's (`consistency_coefficients`), c_in = 1 / sqrt(s^2 + sd^2) and c_noise = log(s) / 4 are Karras' (as
+    in `KarrasDenoiser`). For `KarrasSDE` (alpha = 1, sigma = t) this is Song's parametrisation verbatim; for
+    VE the noise level is sigma(t); for a VP SDE it is sigma / alpha of the marginal. Boundary condition:
+    f(t_min, z) = z / alpha(t_min) EXACTLY (c_skip = 1, c_out = 0), i.e. f(t_min, z) = z for alpha = 1.
+    The network output is projected onto the state space, so the output is CoM-free whenever z is.
+    """
+
+    net: Network
+    sde: AbstractSDE
+    sigma_data: float = 0.5
+
+    def __call__(self, t: Scalar, z: Molecule, mask: NodeMask) -> Molecule:
+        alpha, sigma = self.sde.marginal(t)
+        s = sigma / alpha
+        c_skip, c_out = consistency_coefficients(s, self.sde.scaled_sigma(self.sde.t_min), self.sigma_data)
+        _, _, c_in, c_noise = karras_preconditioning(s, self.sigma_data)
+        z_scaled = z / alpha
+        out = _network_output(self.net, c_in * z_scaled, mask, c_noise)
+        return c_skip * z_scaled + c_out * out
+
+
+class EpsConsistencyFunction(AbstractX0Denoiser):
+    """A consistency function on an EDM eps network (raw z and raw t in, eps out):
+    f(t, z) = z / alpha - (s - s_min) eps_hat(z, t), s = sigma / alpha.
+
+    For s >> s_min it equals `EpsDenoiser`'s x0 = (z - sigma eps_hat) / alpha, so a student can start from an
+    EDM checkpoint's weights (ECT-style initialisation); at t_min it is exactly z / alpha(t_min). Prefer
+    `ConsistencyFunction` for students trained from scratch: here the output scale (s - s_min) grows with
+    the noise level (to ~316 for EDM's VP schedule), which amplifies the network's error at t_max."""
+
+    net: Network
+    sde: AbstractSDE
+
+    def __call__(self, t: Scalar, z: Molecule, mask: NodeMask) -> Molecule:
+        alpha, sigma = self.sde.marginal(t)
+        delta = sigma / alpha - self.sde.scaled_sigma(self.sde.t_min)
+        eps = _network_output(self.net, z, mask, jnp.asarray(t, jnp.float32))
+        return z / alpha - delta * eps

@@ -7,6 +7,11 @@
 * `edm_polynomial_alphas2` / `edm_gamma_table`: EDM's `polynomial_2` schedule exactly as the reference builds
   it (float64 numpy, clipped step ratios, precision squeeze), returned as the float32 gamma table that every
   EDM lookup uses (facts section 3.1).
+* Consistency-model discretisations and curricula (Song et al. 2023; Song & Dhariwal 2023), as pure functions
+  of TRACED scalars, so that a change of N or mu during training never changes a shape nor recompiles:
+  `karras_sigma(i, N, ...)` is node i of the increasing N-point rho grid, `karras_index` its continuous
+  inverse; `constant_n`, `song_ct_n` / `song_ct_mu` (CM paper, Appendix C) and `ict_n` (iCT) map the training
+  step k to N(k) and mu(k).
 
 This module is a leaf: `sde.py` imports the EDM table from here, so `time_grid` takes its SDE argument by
 duck typing (anything with `t_min`, `t_max`, `logsnr` and `t_from_logsnr`, i.e. an `AbstractSDE`).
@@ -17,9 +22,9 @@ from typing import Literal
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
-from .typing import Scalar
+from .typing import IntScalar, Scalar
 
 GridSpacing = Literal["uniform", "karras"]
 
@@ -112,3 +117,66 @@ def edm_gamma_table(
     sigmas2 = 1.0 - alphas2
     gamma = -(np.log(alphas2) - np.log(sigmas2))
     return gamma.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consistency models: the N-point discretisation of [sigma_min, sigma_max] and the curricula N(k), mu(k)
+
+
+def karras_sigma(
+    index: IntScalar, n_points: IntScalar, sigma_min: Scalar, sigma_max: Scalar, rho: float = 7.0
+) -> Float[Array, ""]:
+    """Node `index` (0..N-1, increasing) of the N-point rho grid of the consistency-model papers:
+    sigma_i = (sigma_min^(1/rho) + i / (N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho.
+
+    Index and N may be traced integers (nothing here depends on N as a shape). The end nodes are exactly
+    sigma_min (i = 0) and sigma_max (i = N - 1)."""
+    i = jnp.asarray(index, jnp.float32)
+    n = jnp.asarray(n_points, jnp.float32)
+    lo = jnp.asarray(sigma_min, jnp.float32)
+    hi = jnp.asarray(sigma_max, jnp.float32)
+    a, b = lo ** (1.0 / rho), hi ** (1.0 / rho)
+    sigma = (a + i / (n - 1.0) * (b - a)) ** rho
+    return jnp.where(i <= 0, lo, jnp.where(i >= n - 1.0, hi, sigma))
+
+
+def karras_index(
+    sigma: Scalar, n_points: IntScalar, sigma_min: Scalar, sigma_max: Scalar, rho: float = 7.0
+) -> Float[Array, ""]:
+    """The continuous grid coordinate u in [0, N - 1] of `sigma` (inverse of `karras_sigma`): sigma lies in
+    the interval [sigma_i, sigma_{i+1}] with i = floor(u)."""
+    n = jnp.asarray(n_points, jnp.float32)
+    a = jnp.asarray(sigma_min, jnp.float32) ** (1.0 / rho)
+    b = jnp.asarray(sigma_max, jnp.float32) ** (1.0 / rho)
+    return (jnp.asarray(sigma, jnp.float32) ** (1.0 / rho) - a) / (b - a) * (n - 1.0)
+
+
+def constant_n(step: IntScalar, n: IntScalar = 18) -> Int[Array, ""]:
+    """N(k) = n for every step (consistency distillation: Song et al. use N = 18 on CIFAR-10)."""
+    return jnp.zeros_like(jnp.asarray(step, jnp.int32)) + jnp.asarray(n, jnp.int32)
+
+
+def song_ct_n(step: IntScalar, total_steps: int, s0: int = 2, s1: int = 150) -> Int[Array, ""]:
+    """Consistency training's discretisation curriculum (Song et al. 2023, Appendix C):
+    N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, growing from N(0) = s0 to N(K) = s1 + 1
+    (CIFAR-10: s0 = 2, s1 = 150, K = 800k); constant after K."""
+    k = jnp.minimum(jnp.asarray(step, jnp.float32), float(total_steps))
+    inner = jnp.sqrt(k / float(total_steps) * ((s1 + 1.0) ** 2 - s0**2) + s0**2)
+    return (jnp.ceil(inner - 1.0) + 1.0).astype(jnp.int32)
+
+
+def song_ct_mu(step: IntScalar, total_steps: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> Float[Array, ""]:
+    """The matching target-EMA curriculum: mu(k) = exp(s0 log(mu0) / N(k)) (Song et al. 2023, Appendix C);
+    the target averages more slowly as the grid gets finer."""
+    n = song_ct_n(step, total_steps, s0, s1).astype(jnp.float32)
+    return jnp.exp(s0 * jnp.log(jnp.float32(mu0)) / n)
+
+
+def ict_n(step: IntScalar, total_steps: int, s0: int = 10, s1: int = 1280) -> Int[Array, ""]:
+    """Improved consistency training's exponential curriculum (Song & Dhariwal 2023, eq. 11):
+    N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)): N doubles from
+    s0 + 1 = 11 to s1 + 1 = 1281 in equal stages. iCT uses no target EMA (mu = 0)."""
+    stage_len = max(int(total_steps // (np.log2(s1 // s0) + 1)), 1)
+    stage = jnp.asarray(step, jnp.int32) // stage_len
+    n = jnp.minimum(s0 * jnp.exp2(jnp.minimum(stage, 30).astype(jnp.float32)), float(s1))
+    return n.astype(jnp.int32) + 1

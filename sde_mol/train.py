@@ -5,15 +5,23 @@ schedule table, preconditioning constants) is frozen by construction, so the opt
 
 Randomness: the key of step k is `fold_in(base_key, k)`, and the data order of epoch e is a seeded shuffle,
 so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+
+Speed (issue 5; `tools/benchmark.py` measures it): the step can donate the train state's buffers (the update
+then happens in place), run the network in bfloat16 on float32 master weights (`compute_dtype`), and shard the
+batch over several devices (`mesh`, see `distributed.py`); the loop prepares the next device batch in a
+background thread while the current step runs (`prefetch`). Every one of these leaves the maths unchanged.
 """
 
 import json
 import math
+import queue
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Generic, Literal, TypeVar
 
 import equinox as eqx
 import jax
@@ -23,9 +31,12 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from . import distributed
 from .molecule import Molecule
 from .objectives.base import AbstractObjective
 from .typing import Key
+
+T = TypeVar("T")
 
 
 class TrainState(eqx.Module):
@@ -44,6 +55,21 @@ def trainable_filter(model: PyTree) -> PyTree:
 
 def params_of(model: PyTree) -> PyTree:
     return eqx.filter(model, trainable_filter(model))
+
+
+def compute_dtype_from(precision: str):
+    """ "f32" -> None (the weights' own dtype), "bf16" -> jnp.bfloat16: `make_step`'s `compute_dtype`."""
+    dtypes = {"f32": None, "bf16": jnp.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(dtypes)}")
+    return dtypes[precision]
+
+
+def cast_params(model: PyTree, dtype) -> PyTree:
+    """`model` with its trainable leaves (those of `model.net`) cast to `dtype`; frozen leaves unchanged.
+    Differentiable: gradients flow back to the original dtype."""
+    spec = trainable_filter(model)
+    return jax.tree.map(lambda x, s: x.astype(dtype) if s else x, model, spec)
 
 
 class AdaptiveClipState(eqx.Module):
@@ -131,21 +157,44 @@ def make_step(
     *,
     ema_decay: float,
     target_decay: Callable[[Int[Array, ""]], Float[Array, ""]] | None = None,
+    donate: bool = False,
+    compute_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    max_traces: int | None = None,
 ) -> Callable:
     """One training step in ONE `eqx.filter_jit`: loss, grad, optax update, EMA and target update.
-    Returns step(state, mols, masks, weights, key) -> (state, aux)."""
+    Returns step(state, mols, masks, weights, key) -> (state, aux).
 
-    @eqx.filter_jit
-    def step(state: TrainState, mols: Molecule, masks, weights, key: Key):
+    * `donate`: donate the state's buffers to the step, so XLA updates parameters, EMA and optimiser moments
+      in place instead of allocating a second copy of each. The state passed in is consumed (its arrays are
+      deleted; use the returned one). The batch and the base key are never donated. Off by default because a
+      caller may keep a reference to an old state; `run_loop` never does, so recipes turn it on.
+    * `compute_dtype`: e.g. `jnp.bfloat16`; the loss runs on a copy of the trainable weights cast to it
+      (mixed precision: float32 master weights, gradients, optimiser and EMA). None = the weights' dtype.
+    * `mesh`: data parallelism over `mesh`'s "data" axis (`distributed.data_mesh()`): the batch is sharded
+      along its first axis and the state replicated (sharding constraints in the step; lay inputs out with
+      `distributed.shard_batch` / `distributed.replicate`). The result equals the single-device step up to
+      the order of the batch reduction.
+    * `max_traces`: raise `RuntimeError` if the step is traced (compiled) more often, e.g. once per size
+      bucket. `step.num_traces()` returns the number of traces so far either way.
+    """
+
+    def update(state: TrainState, mols: Molecule, masks, weights, key: Key):
+        if mesh is not None:
+            state = distributed.constrain(state, mesh, batch=False)
+            mols, masks, weights = distributed.constrain((mols, masks, weights), mesh, batch=True)
         model = state.model
         spec = trainable_filter(model)
         params, static = eqx.partition(model, spec)
         skey = jr.fold_in(key, state.step)
         target = None if state.target_model is None else jax.lax.stop_gradient(state.target_model)
+        target_c = target if compute_dtype is None or target is None else cast_params(target, compute_dtype)
 
         def loss_fn(p):
+            if compute_dtype is not None:
+                p = jax.tree.map(lambda x: x.astype(compute_dtype), p)
             m = eqx.combine(p, static)
-            return objective.batch_loss(m, mols, masks, weights, key=skey, step=state.step, target=target)
+            return objective.batch_loss(m, mols, masks, weights, key=skey, step=state.step, target=target_c)
 
         (loss, aux), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -156,9 +205,51 @@ def make_step(
             decay = target_decay(state.step) if target_decay is not None else 0.0
             target = ema_update(target, model, decay)
         aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
-        return TrainState(model, ema_model, target, opt_state, state.step + 1), aux
+        new = TrainState(model, ema_model, target, opt_state, state.step + 1)
+        if mesh is not None:
+            new, aux = distributed.constrain((new, aux), mesh, batch=False)
+        return new, aux
 
+    counted = eqx.debug.assert_max_traces(update, max_traces=max_traces)
+    if donate:
+        # donate="all-except-first" donates the second argument only: the state. Never the key, which the loop
+        # passes again every step, nor the batch, which a caller may reuse.
+        jitted = eqx.filter_jit(lambda rest, state: counted(state, *rest), donate="all-except-first")
+        last = [lambda: None]  # weak reference to the state this step returned last
+
+        def step(state: TrainState, mols: Molecule, masks, weights, key: Key):
+            if state is not last[0]():  # a state of our own making never shares buffers: skip the check
+                state = _unalias(state)
+            new, aux = jitted((mols, masks, weights, key), state)
+            last[0] = weakref.ref(new)
+            return new, aux
+
+    else:
+        jitted = eqx.filter_jit(counted)
+
+        def step(state: TrainState, mols: Molecule, masks, weights, key: Key):
+            return jitted(state, mols, masks, weights, key)
+
+    step.num_traces = lambda: eqx.debug.get_num_traces(counted)
     return step
+
+
+def _unalias(tree: PyTree) -> PyTree:
+    """Copy every array leaf whose buffer already occurred earlier in `tree`: XLA refuses to donate one buffer
+    twice, and `init_state` makes `ema_model` the same arrays as `model` (a `device_put` of both keeps them
+    sharing buffers). Host-side; it compares buffer addresses."""
+    seen = set()
+
+    def fresh(x):
+        if not isinstance(x, jax.Array):
+            return x
+        buffers = {(s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards}
+        if buffers & seen:
+            return jnp.copy(x)
+        seen.update(buffers)
+        return x
+
+    return jax.tree.map(fresh, tree)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -174,6 +265,14 @@ class LoopConfig:
     eval_every: int = 2000
     ckpt_every: int = 1000
     seed: int = 0
+    prefetch: int = 2
+    """device batches prepared ahead in a background thread while the step runs (0 = inline)"""
+    data_parallel: bool = False
+    """shard every batch over all devices (jax.devices(), all hosts after `distributed.initialise()`),
+    parameters replicated; the batch size must be divisible by the device count"""
+    precision: Literal["f32", "bf16"] = "f32"
+    """network compute dtype (bf16: mixed precision with float32 master weights; for GPUs, slow on most CPUs).
+    Read by the recipe when it builds the step (`compute_dtype_from`)"""
 
 
 def _progress_line(step, total, t_start, step_start, batch_size, aux, eta_budget):
@@ -201,59 +300,85 @@ def run_loop(
     evaluate: Callable[[TrainState], dict[str, float]] | None = None,
     best_key: str | None = None,
     batch_size: int,
-    to_device: Callable[[Any], tuple],
+    to_device: Callable[..., tuple],
 ) -> TrainState:
     """The one Python training loop: steps, progress line, metrics.jsonl, periodic evaluation, checkpoints
     (last.eqx always; best.eqx by `best_key`, lower is better), wall-clock budget, resume by `state.step`.
 
     `batches(start_step)` yields host batches from the given global step on (so resume is exact);
-    `to_device(batch)` turns one into the step function's (mols, masks, weights) arguments."""
+    `to_device(batch)` turns one into the step function's (mols, masks, weights) arguments; with
+    `cfg.data_parallel` it is called as `to_device(batch, mesh=mesh)` (as `train.to_device` accepts) and the
+    state is replicated over the mesh first. `cfg.prefetch` batches are prepared ahead in a background thread.
+    With several processes (`distributed.initialise`) every process runs this loop over the same seeded
+    batches and uploads its own rows; only process 0 writes files and prints."""
+    main_process = jax.process_index() == 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "metrics.jsonl"
     key = jr.PRNGKey(cfg.seed)
     start = int(state.step)
     t_start = time.perf_counter()
     deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else None
     best = _read_best(out_dir, best_key)
-    it = batches(start)
+    put = to_device
+    if cfg.data_parallel:
+        mesh = distributed.data_mesh()
+        if batch_size % mesh.size:
+            raise ValueError(f"data_parallel: batch size {batch_size} is not divisible by {mesh.size} devices")
+        state = distributed.replicate(state, mesh)
+
+        def put(batch):
+            return to_device(batch, mesh=mesh)
+
+    device_batches = (put(b) for b in batches(start))
+    it = prefetch(device_batches, cfg.prefetch) if cfg.prefetch > 0 else device_batches
+
+    def record(obj):
+        if main_process:
+            with open(out_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(obj) + "\n")
+
+    def checkpoint(name, st):
+        if main_process:
+            save(out_dir / name, st)
+
     step = start
-    with open(log_path, "a") as log:
-
-        def record(obj):
-            log.write(json.dumps(obj) + "\n")
-            log.flush()
-
+    try:
         while step < cfg.steps:
-            batch = next(it)
-            state, aux = step_fn(state, *to_device(batch), key)
+            state, aux = step_fn(state, *next(it), key)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 aux = {k: float(v) for k, v in aux.items()}
                 if not math.isfinite(aux["loss"]):
-                    save(out_dir / "nan_state.eqx", state)
+                    checkpoint("nan_state.eqx", state)
                     raise FloatingPointError(f"loss is {aux['loss']} at step {step}; state saved to nan_state.eqx")
                 eta_budget = None if deadline is None else deadline - time.perf_counter()
                 line, sps = _progress_line(step, cfg.steps, t_start, start, batch_size, aux, eta_budget)
-                print(line, flush=True)
+                if main_process:
+                    print(line, flush=True)
                 record({"step": step, "time": time.time(), "steps_per_s": sps, **aux})
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics = evaluate(state)
                 record({"step": step, "time": time.time(), "eval": metrics})
-                print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+                if main_process:
+                    print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
                 if best_key is not None and metrics.get(best_key) is not None and metrics[best_key] < best:
                     best = metrics[best_key]
-                    save(out_dir / "best.eqx", state)
-                    (out_dir / "best.json").write_text(json.dumps({"step": step, best_key: best}))
+                    checkpoint("best.eqx", state)
+                    if main_process:
+                        (out_dir / "best.json").write_text(json.dumps({"step": step, best_key: best}))
             out_of_time = deadline is not None and time.perf_counter() > deadline
             if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-                save(out_dir / "last.eqx", state)
+                checkpoint("last.eqx", state)
             if out_of_time:
-                print(
-                    f"wall-clock budget of {cfg.max_minutes} min spent at step {step}; resume with --resume "
-                    f"{out_dir / 'last.eqx'}",
-                    flush=True,
-                )
+                if main_process:
+                    print(
+                        f"wall-clock budget of {cfg.max_minutes} min spent at step {step}; resume with --resume "
+                        f"{out_dir / 'last.eqx'}",
+                        flush=True,
+                    )
                 break
+    finally:
+        if isinstance(it, Prefetch):
+            it.close()
     return state
 
 
@@ -275,12 +400,76 @@ def host_batches(iterator, start_step: int) -> Iterator:
         epoch, offset = epoch + 1, 0
 
 
-def to_device(batch) -> tuple:
-    return (
-        Molecule(jnp.asarray(batch.positions), jnp.asarray(batch.features)),
-        jnp.asarray(batch.mask),
-        jnp.asarray(batch.weight),
-    )
+def to_device(batch, *, mesh: jax.sharding.Mesh | None = None) -> tuple:
+    """A host batch -> the step's (mols, masks, weights) device arrays; with `mesh`, global arrays sharded
+    along the batch axis over the mesh (`distributed.shard_batch`: each process uploads only its rows)."""
+    arrays = (batch.positions, batch.features, batch.mask, batch.weight)
+    if mesh is not None:
+        positions, features, mask, weight = distributed.shard_batch(arrays, mesh)
+    else:
+        positions, features, mask, weight = (jnp.asarray(a) for a in arrays)
+    return Molecule(positions, features), mask, weight
+
+
+class Prefetch(Generic[T]):
+    """Iterate `source` in a background thread, up to `size` items ahead of the consumer.
+
+    For the training loop: `source` yields device batches (host slicing plus the host-to-device copy), which
+    are then ready when the step, dispatched asynchronously, returns control. Order is preserved, so a seeded
+    run is unchanged. An exception in `source` is raised in the consumer at the item where it happened.
+    `close()` stops the thread (at the latest after the item it is producing); the thread is a daemon."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[T], size: int = 2):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="sde_mol-prefetch")
+        self._thread.start()
+
+    def _run(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                if not self._put((True, item)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((False, e))
+            return
+        self._put((True, self._END))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetch[T]":
+        return self
+
+    def __next__(self) -> T:
+        if self._stop.is_set():
+            raise StopIteration
+        ok, item = self._queue.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is self._END:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def prefetch(source: Iterator[T], size: int = 2) -> "Prefetch[T]":
+    """`Prefetch(source, size)`: iterate `source` in a background thread, `size` items ahead."""
+    return Prefetch(iter(source), size)
 
 
 def count_params(model: PyTree) -> int:

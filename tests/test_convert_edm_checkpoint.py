@@ -49,8 +49,13 @@ def test_check_passes(tool, capsys):
     assert tool.main(tool.Config(check=tool.Path(FIXTURE))) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"]
-    expected = {"phi_out", "phi_out_f64", "loss_net_out", "nll_net_out_t", "nll_net_out_0", "l0_net_out"}
-    assert expected | {"anc_eps_hat", "dec_eps_hat"} == set(report["checks"])
+    network = {"phi_out", "phi_out_f64", "loss_net_out", "nll_net_out_t", "nll_net_out_0", "l0_net_out"}
+    sampler = {"anc_eps_hat", "dec_eps_hat", "anc_zs", "dec_x", "dec_one_hot", "dec_charges"}
+    schedule = {"gamma", "sched_alpha", "sched_sigma"}
+    losses = {"loss_l2_total_per_mol", "loss_l2_batch", "nll_per_mol", "nll_batch"}
+    assert network | sampler | schedule | losses == set(report["checks"])
+    for name, check in report["checks"].items():
+        assert check["max_abs_error"] <= check["tolerance"], name
     assert report["checks"]["phi_out_f64"]["tolerance"] == 1e-9
     assert report["checks"]["phi_out_f64"]["max_abs_error"] < 1e-12
 

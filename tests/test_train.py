@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+import pytest
 
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.base import AbstractObjective
@@ -13,6 +14,7 @@ from sde_mol.train import (
     TrainState,
     adaptive_clip,
     build_optimizer,
+    cast_params,
     count_params,
     ema_update,
     init_state,
@@ -113,3 +115,74 @@ def test_ema_update_keeps_frozen_leaves_of_new():
     np.testing.assert_allclose(e.net.weight, 0.5 * (a.net.weight + b.net.weight), rtol=1e-6)
     np.testing.assert_array_equal(e.frozen_table, jnp.ones(5))
     assert isinstance(e, ToyModel) and isinstance(init_state(a, optax.sgd(0.1)), TrainState)
+
+
+# --- speed features: donation, prefetch, mixed precision (issue 5) -----------------------------------------
+
+
+def test_donated_step_equals_plain_step_and_consumes_the_state():
+    opt = build_optimizer(1e-2)
+    plain = make_step(ToyObjective(), opt, ema_decay=0.9)
+    donated = make_step(ToyObjective(), opt, ema_decay=0.9, donate=True)
+    key = jr.PRNGKey(1)
+    a = b = None
+    for i in range(4):
+        a, _ = plain(init_state(_model(), opt) if a is None else a, *_batch(i), key)
+        first = b is None
+        old = init_state(_model(), opt) if first else b  # init_state shares model/ema buffers: handled
+        b, _ = donated(old, *_batch(i), key)
+        assert old.model.net.weight.is_deleted()  # consumed...
+        assert not key.is_deleted()  # ...but never the key
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert plain.num_traces() == 1 and donated.num_traces() == 1
+
+
+def test_prefetch_keeps_order_and_raises_in_consumer():
+    from sde_mol.train import prefetch
+
+    assert list(prefetch(iter(range(20)), 3)) == list(range(20))
+
+    def broken():
+        yield 1
+        raise KeyError("boom")
+
+    it = prefetch(broken(), 2)
+    assert next(it) == 1
+    with pytest.raises(KeyError):
+        next(it)
+    endless = prefetch(iter(int, 1), 2)  # never ends; close() stops the thread
+    assert next(endless) == 0
+    endless.close()
+    endless._thread.join(timeout=5)
+    assert not endless._thread.is_alive()
+
+
+def test_bf16_compute_keeps_f32_master_weights():
+    from sde_mol.configs import ModelConfig, ModelSpec, build_denoiser
+    from sde_mol.data.qm9 import EDM_TRAIN_SIZE_COUNTS, DatasetInfo
+    from sde_mol.molecule import com_free_normal
+    from sde_mol.objectives.denoising import EDMEpsLoss
+
+    info = DatasetInfo(size_counts=tuple(EDM_TRAIN_SIZE_COUNTS.get(m, 0) for m in range(30)))
+    den = build_denoiser(ModelSpec(ModelConfig(hidden=16, n_layers=2)), key=jr.PRNGKey(0))
+    masks = jnp.arange(9)[None, :] < jnp.array([5, 9, 7, 3])[:, None]
+    noise = jax.vmap(lambda k, m: com_free_normal(k, m, 6))(jr.split(jr.PRNGKey(1), 4), masks)
+    mols = Molecule(noise.positions, jnp.abs(noise.features) * 0.25)
+    opt = build_optimizer(1e-3)
+    out = {}
+    for name, dtype in (("f32", None), ("bf16", jnp.bfloat16)):
+        step = make_step(EDMEpsLoss(info), opt, ema_decay=0.9, compute_dtype=dtype)
+        state, aux = step(init_state(den, opt), mols, masks, jnp.ones(4), jr.PRNGKey(2))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_of(state.model)))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_of(state.ema_model)))
+        out[name] = (float(aux["loss"]), float(aux["grad_norm"]))
+    np.testing.assert_allclose(out["bf16"], out["f32"], rtol=1e-2)
+    # the network itself in bf16: matrix work in bf16, coordinates in f32
+    net16 = cast_params(den, jnp.bfloat16).net
+    dx, h = net16(mols.positions[1], mols.features[1], masks[1], jnp.asarray(0.5))
+    dx32, h32 = den.net(mols.positions[1], mols.features[1], masks[1], jnp.asarray(0.5))
+    assert dx.dtype == jnp.float32 and h.dtype == jnp.float32
+    assert not np.array_equal(h, h32)  # it did run in bf16 (~1 % error), close to the f32 network
+    np.testing.assert_allclose(dx, dx32, atol=0.03 * float(jnp.max(jnp.abs(dx32))))
+    np.testing.assert_allclose(h, h32, atol=0.03 * float(jnp.max(jnp.abs(h32))))

@@ -41,6 +41,15 @@ Differences from the reference, on purpose:
 * `aggregation="mean"` divides by the number of real neighbours of atom i (M - 1). The reference divides by
   the number of enumerated edges, which for its dense batches is the padded width N, so its "mean" depends
   on padding. The QM9 model uses "sum", where both agree.
+
+Precision: the network computes in the dtype of its weights, with one exception. Let `compute` be the
+weights' dtype and `geometry = promote(compute, float32)`. Positions, distances, the unit vectors u_ij, the
+coordinate aggregation, the time input and the input/output embeddings run in `geometry`; the hidden features
+and the (n_atoms, n_atoms, hidden) edge messages, where the work is, run in `compute`. For float32 or float64
+weights both are the same dtype and every cast is a no-op. Mixed precision (`train.make_step(compute_dtype=
+jnp.bfloat16)`) casts the weights to bfloat16 for the forward pass only, so the matrix work runs in bfloat16
+while coordinates and time keep float32 resolution and the master weights, gradients, optimiser and EMA stay
+float32.
 """
 
 import math
@@ -58,10 +67,12 @@ _EPS_NORM = 1e-8  # inside sqrt(d_ij + eps), as in the reference
 _SCAN_UNROLL = True  # see the module docstring: unrolled blocks run ~30 % faster on CPU
 
 
-def _dense(layer: eqx.nn.Linear, x: Float[Array, "*rest d_in"]) -> Float[Array, "*rest d_out"]:
-    """`x W^T + b` over the last axis for any number of leading axes (one XLA dot)."""
-    y = x @ layer.weight.T
-    return y if layer.bias is None else y + layer.bias
+def _dense(layer: eqx.nn.Linear, x: Float[Array, "*rest d_in"], dtype=None) -> Float[Array, "*rest d_out"]:
+    """`x W^T + b` over the last axis for any number of leading axes (one XLA dot), computed in `dtype`
+    (default: the layer's weight dtype; the input is cast to it)."""
+    dtype = layer.weight.dtype if dtype is None else dtype
+    y = x.astype(dtype) @ layer.weight.astype(dtype).T
+    return y if layer.bias is None else y + layer.bias.astype(dtype)
 
 
 def _linear(d_in: int, d_out: int, key: Key, dtype, use_bias: bool = True) -> eqx.nn.Linear:
@@ -84,9 +95,11 @@ def edge_first_layer(
     d0: Float[Array, "n_atoms n_atoms"],
 ) -> Float[Array, "n_atoms n_atoms hidden_out"]:
     """`layer([h_i, h_j, d_ij, d0_ij])` for all pairs (i, j), factorised: the (2*hidden + 2)-wide input of
-    every edge is never built. Column order of `layer.weight` is EDM's: [h_i | h_j | d_ij | d0_ij]."""
+    every edge is never built. Column order of `layer.weight` is EDM's: [h_i | h_j | d_ij | d0_ij].
+    Computed in the weights' dtype (the distances are cast to it)."""
     nf = h.shape[-1]
     w = layer.weight
+    d, d0 = d.astype(w.dtype), d0.astype(w.dtype)
     receiver = h @ w[:, :nf].T + layer.bias  # (N, out), indexed by i
     sender = h @ w[:, nf : 2 * nf].T  # (N, out), indexed by j
     return receiver[:, None, :] + sender[None, :, :] + d[:, :, None] * w[:, 2 * nf] + d0[:, :, None] * w[:, 2 * nf + 1]
@@ -128,6 +141,8 @@ class GCL(eqx.Module):
         agg_scale: Float[Array, "n_atoms 1"],
         node: Float[Array, "n_atoms 1"],
     ) -> Float[Array, "n_atoms hidden"]:
+        dtype = self.edge_mlp_2.weight.dtype  # compute dtype; masks and scales arrive in the geometry dtype
+        edge, agg_scale, node = edge.astype(dtype), agg_scale.astype(dtype), node.astype(dtype)
         m = jax.nn.silu(edge_first_layer(self.edge_mlp_0, h, d, d0))
         m = jax.nn.silu(_dense(self.edge_mlp_2, m))
         if self.att_mlp_0 is None:
@@ -170,7 +185,7 @@ class EquivariantUpdate(eqx.Module):
     ) -> Float[Array, "n_atoms 3"]:
         c = jax.nn.silu(edge_first_layer(self.coord_mlp_0, h, d, d0))
         c = jax.nn.silu(_dense(self.coord_mlp_2, c))
-        phi = c @ self.coord_mlp_4.weight[0]  # (N, N)
+        phi = (c @ self.coord_mlp_4.weight[0]).astype(x.dtype)  # (N, N); coordinates in the geometry dtype
         if self.tanh:
             phi = jnp.tanh(phi) * self.coords_range
         return (x + _aggregate(u, phi * edge, agg_scale)) * node
@@ -215,7 +230,7 @@ class EquivariantBlock(eqx.Module):
         for gcl in self.gcls:
             h = gcl(h, d, d0, edge, agg_scale, node)
         x = self.equiv(h, x, u, d, d0, edge, agg_scale, node)
-        return h * node, x
+        return h * node.astype(h.dtype), x
 
 
 class EGNN(eqx.Module):
@@ -334,7 +349,8 @@ class EGNN(eqx.Module):
         return self._forward(x, h, mask, t, collect=True)
 
     def _forward(self, x, h, mask, t, *, collect: bool) -> dict[str, Array]:
-        dtype = self.embedding.weight.dtype
+        compute = self.blocks.equiv.coord_mlp_2.weight.dtype
+        dtype = jnp.promote_types(compute, jnp.float32)  # geometry dtype, see the module docstring
         n = mask.shape[0]
         node = mask[:, None].astype(dtype)
         x0 = jnp.where(mask[:, None], x, 0.0).astype(dtype)
@@ -348,7 +364,7 @@ class EGNN(eqx.Module):
         else:
             agg_scale = jnp.full((n, 1), 1.0 / self.normalization_factor, dtype)
 
-        emb = _dense(self.embedding, h_in)
+        emb = _dense(self.embedding, h_in, dtype).astype(compute)
         d0 = jnp.sum((x0[:, None, :] - x0[None, :, :]) ** 2, axis=-1)
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
@@ -358,7 +374,7 @@ class EGNN(eqx.Module):
             return carry, (carry if collect else None)
 
         (hf, xf), per_block = jax.lax.scan(body, (emb, x0), params, unroll=_SCAN_UNROLL)
-        h_final = _dense(self.embedding_out, hf) * node
+        h_final = _dense(self.embedding_out, hf, dtype) * node
         dx = remove_com((xf - x0) * node, mask)
         out = {"dx": dx, "h_out": h_final[:, : self.n_feat]}
         if collect:

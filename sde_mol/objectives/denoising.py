@@ -8,6 +8,10 @@ plus the KL prior and -log p(M), reported but carrying no gradient. N_pad is the
 batch to its largest molecule; sde_mol pads to a fixed capacity (29 for QM9) for static shapes, so by default
 N_pad = capacity, which rescales the loss by a constant (Adam is invariant to it). Set `n_pad` to reproduce a
 specific reference batch.
+
+The noise schedule is a fixed buffer (EDM's `gamma` table is not a parameter): every loss here reads the SDE
+through `_frozen`, so a gradient taken with respect to the whole denoiser reaches the network only, whatever
+filter the caller uses.
 """
 
 import equinox as eqx
@@ -22,6 +26,17 @@ from ..likelihood import kl_prior, log_p_xh_given_z0
 from ..molecule import Molecule, com_free_normal, n_real, project
 from ..typing import IntScalar, Key, NodeMask
 from .base import AbstractObjective
+
+
+def _frozen(tree):
+    """`tree` with gradients stopped on its array leaves (static fields untouched)."""
+    dynamic, static = eqx.partition(tree, eqx.is_inexact_array)
+    return eqx.combine(jax.lax.stop_gradient(dynamic), static)
+
+
+def _with_frozen_sde(model):
+    """The denoiser with its SDE (the noise schedule) excluded from differentiation."""
+    return eqx.tree_at(lambda m: m.sde, model, _frozen(model.sde))
 
 
 def _sq_err(a: Molecule, b: Molecule, mask: NodeMask) -> Float[Array, ""]:
@@ -40,6 +55,7 @@ class EDMEpsLoss(AbstractObjective):
 
     def terms(self, model, x: Molecule, mask: NodeMask, t_int: Array, eps: Molecule) -> dict[str, Float[Array, ""]]:
         """All per-molecule terms for a given step and noise (the fixture's loss_* keys)."""
+        model = _with_frozen_sde(model)
         sde = model.sde
         T = self.timesteps
         n_pad = mask.shape[0] if self.n_pad is None else self.n_pad
