@@ -38,6 +38,8 @@ class Config:
     atol: float = 1e-4
     n_samples: int = 100
     batch_size: int = 100
+    buckets: tuple[int, ...] = (17, 20, 23, 29)
+    """size buckets: each molecule is sampled at the smallest width that holds it (empty: full width)"""
     seed: int = 0
     out_dir: Path = Path("samples/pf_ode")
     format: Literal["sdf", "xyz", "both"] = "sdf"
@@ -62,6 +64,7 @@ def main(cfg: Config) -> dict:
             sampler=sampler,
             n_samples=cfg.n_samples,
             batch_size=cfg.batch_size,
+            buckets=cfg.buckets,
             seed=cfg.seed,
             out_dir=cfg.out_dir,
             format=cfg.format,

@@ -333,24 +333,87 @@ class Samples(NamedTuple):
 SamplerFn = Callable[..., tuple[Molecule, NFE]]  # (mask, *, key) -> (molecule, nfe)
 
 
+def _draw_size(index: Int[Array, ""], key: Key, probs: Float[Array, " n_sizes"]) -> Int[Array, ""]:
+    k_size, _ = jr.split(jr.fold_in(key, index))
+    return jr.choice(k_size, probs.shape[0], p=probs).astype(jnp.int32)
+
+
+_draw_sizes = jax.jit(jax.vmap(_draw_size, in_axes=(0, None, None)))
+
+
+def draw_sizes(n: int, info: DatasetInfo, *, key: Key, start: int = 0) -> np.ndarray:
+    """The sizes M_i ~ p(M) of molecules start..n-1 that `sample_molecules` uses (host int32 array)."""
+    probs = jnp.asarray(info.size_probs(), jnp.float32)
+    return np.asarray(_draw_sizes(jnp.arange(start, n, dtype=jnp.int32), key, probs))
+
+
 def _sample_one(
-    index: Int[Array, ""], sampler_fn: SamplerFn, key: Key, probs: Float[Array, " n_sizes"], info: DatasetInfo
+    index: Int[Array, ""], n_atoms: Int[Array, ""], sampler_fn: SamplerFn, key: Key, info: DatasetInfo, capacity: int
 ):
-    k_size, k_sample = jr.split(jr.fold_in(key, index))
-    n_atoms = jr.choice(k_size, probs.shape[0], p=probs).astype(jnp.int32)
-    mask = jnp.arange(info.max_n_atoms) < n_atoms
+    _, k_sample = jr.split(jr.fold_in(key, index))
+    mask = jnp.arange(capacity) < n_atoms
     mol, nfe = sampler_fn(mask, key=k_sample)
     positions, types, charges = decode(mol, mask, info)
-    return positions, types, charges, n_atoms, nfe
+    return positions, types, charges, nfe
 
 
-# One compiled function per (batch size, sampler structure, info), cached across calls: `sampler_fn`'s arrays
-# are traced, its non-array leaves (step counts, solver names) and `info` are static.
-_sample_batch = eqx.filter_jit(eqx.filter_vmap(_sample_one, in_axes=(0, None, None, None, None)))
+# One compiled function per (batch size, capacity, sampler structure, info), cached across calls: `sampler_fn`'s
+# arrays are traced, its non-array leaves (step counts, solver names), `info` and `capacity` are static.
+_sample_batch = eqx.filter_jit(eqx.filter_vmap(_sample_one, in_axes=(0, 0, None, None, None, None)))
+
+
+def capacities(sizes: np.ndarray, info: DatasetInfo, buckets: tuple[int, ...] | None) -> np.ndarray:
+    """The padded width each molecule is sampled at: the smallest bucket that holds it (no buckets: the
+    dataset's capacity). The largest bucket must be at least `info.max_n_atoms`."""
+    caps = np.asarray(sorted(set(buckets)) if buckets else [info.max_n_atoms], np.int64)
+    if caps[0] < 1 or caps[-1] < info.max_n_atoms:
+        raise ValueError(
+            f"size buckets {buckets}: expected positive capacities, the largest >= the dataset's maximum "
+            f"of {info.max_n_atoms} atoms"
+        )
+    return caps[np.searchsorted(caps, sizes)]
+
+
+def _chunks(n: int, info: DatasetInfo, key: Key, batch_size: int, start: int, buckets):
+    """(rows, indices, sizes, capacity) per compiled call; each chunk is filled up to `batch_size`."""
+    sizes = draw_sizes(n, info, key=key, start=start)
+    caps = capacities(sizes, info, buckets)
+    for cap in np.unique(caps):
+        rows = np.nonzero(caps == cap)[0]
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo : lo + batch_size]
+            filled = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
+            yield chunk, filled + start, sizes[filled], int(cap)
+
+
+def compile_sampler(
+    sampler_fn: SamplerFn,
+    n: int,
+    info: DatasetInfo,
+    *,
+    key: Key,
+    batch_size: int,
+    start: int = 0,
+    buckets: tuple[int, ...] | None = None,
+) -> None:
+    """Compile ahead of time every batch function that `sample_molecules` with the same arguments will call
+    (one per width used), so that a following `sample_molecules` runs at steady-state speed."""
+    widths = np.unique(capacities(draw_sizes(n, info, key=key, start=start), info, buckets))
+    index = jnp.arange(batch_size, dtype=jnp.int32)
+    for cap in widths:
+        sizes = jnp.full((batch_size,), int(cap), jnp.int32)
+        _sample_batch.lower(index, sizes, sampler_fn, key, info, int(cap)).compile()
 
 
 def sample_molecules(
-    sampler_fn: SamplerFn, n: int, info: DatasetInfo, *, key: Key, batch_size: int, start: int = 0
+    sampler_fn: SamplerFn,
+    n: int,
+    info: DatasetInfo,
+    *,
+    key: Key,
+    batch_size: int,
+    start: int = 0,
+    buckets: tuple[int, ...] | None = None,
 ) -> Samples:
     """Draw molecules start..n-1: sizes M ~ p(M) (`info.size_probs()`), then `sampler_fn(mask, key=...)`.
 
@@ -359,11 +422,22 @@ def sample_molecules(
     (the last one is filled up and trimmed), so sampling compiles once per batch size and sampler. Pass
     `sampler_fn` as an `eqx.Partial` (e.g. `eqx.Partial(pf_ode_sample, denoiser, sde, n_feat=6)`) so that
     model weights are traced arguments rather than constants baked into the compiled program.
+
+    `buckets` (e.g. (17, 20, 23, 29) for QM9): molecules are grouped by size and each group is sampled at the
+    smallest bucket width that holds it instead of the full capacity (the EGNN's work grows with width^2),
+    one compilation per bucket. A molecule's noise has the shape of its width, so molecule i is the same for
+    every batch size and `start` under one bucket set, but differs between bucket sets. Outputs are padded
+    to `info.max_n_atoms` slots either way.
     """
-    probs = jnp.asarray(info.size_probs(), jnp.float32)
-    chunks = []
-    for first in range(start, n, batch_size):
-        index = jnp.arange(first, first + batch_size, dtype=jnp.int32)
-        chunks.append(jax.device_get(_sample_batch(index, sampler_fn, key, probs, info)))
-    fields = [np.concatenate(parts)[: n - start] for parts in zip(*chunks, strict=True)]
-    return Samples(*fields)
+    m, width = n - start, info.max_n_atoms
+    positions = np.zeros((m, width, 3), np.float32)
+    types = np.full((m, width), -1, np.int32)
+    charges = np.zeros((m, width), np.int32)
+    n_atoms = np.zeros(m, np.int32)
+    nfe = np.zeros(m, np.int32)
+    for rows, index, sizes, cap in _chunks(n, info, key, batch_size, start, buckets):
+        out = jax.device_get(_sample_batch(jnp.asarray(index), jnp.asarray(sizes), sampler_fn, key, info, cap))
+        k = len(rows)
+        positions[rows, :cap], types[rows, :cap], charges[rows, :cap] = out[0][:k], out[1][:k], out[2][:k]
+        n_atoms[rows], nfe[rows] = sizes[:k], out[3][:k]
+    return Samples(positions, types, charges, n_atoms, nfe)

@@ -20,9 +20,11 @@ from sde_mol.samplers import (
     ancestral_mean_std,
     ancestral_sample,
     ancestral_step,
+    capacities,
     ddim_sample,
     ddim_solve,
     decode,
+    draw_sizes,
     edm_final_decode,
     pf_ode_sample,
     pf_ode_solve,
@@ -267,3 +269,39 @@ def test_sample_molecules_is_batch_size_independent():
         np.testing.assert_allclose(a.positions[i].sum(0), 0, atol=1e-4)
     # molecules differ from one another (independent keys)
     assert len({a.positions[i, 0, 0].item() for i in range(7)}) == 7
+
+
+def test_bucketed_sampling_uses_the_smallest_width_and_is_batch_size_independent():
+    zeros = Molecule(jnp.zeros((INFO.max_n_atoms, 3)), jnp.zeros((INFO.max_n_atoms, INFO.n_feat)))
+    widths = []
+
+    def sampler(den, mask, *, key):
+        widths.append(mask.shape[0])  # trace time only: one entry per compilation
+        z = Molecule(zeros.positions[: mask.shape[0]], zeros.features[: mask.shape[0]])
+        return ddim_sample(GaussianOracle(z, 0.5, EDM), EDM, mask, INFO.n_feat, key=key, n_steps=4, eta=1.0)
+
+    fn = eqx.Partial(sampler, None)
+    buckets = (17, 20, 23, 29)
+    n = 40
+    sizes = draw_sizes(n, INFO, key=jr.key(7))
+    used = sorted(set(capacities(sizes, INFO, buckets).tolist()))
+    a = sample_molecules(fn, n, INFO, key=jr.key(7), batch_size=6, buckets=buckets)
+    assert sorted(widths) == used and len(used) >= 3  # one compilation per width used, QM9 sizes span buckets
+    b = sample_molecules(fn, n, INFO, key=jr.key(7), batch_size=11, buckets=buckets)
+    tail = sample_molecules(fn, n, INFO, key=jr.key(7), batch_size=6, start=25, buckets=buckets)
+    np.testing.assert_array_equal(a.n_atoms, sizes)
+    np.testing.assert_array_equal(a.atom_types, b.atom_types)
+    np.testing.assert_allclose(a.positions, b.positions, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(tail.positions, a.positions[25:], rtol=0, atol=1e-6)
+    assert a.positions.shape == (n, 29, 3)
+    for i in range(n):
+        m = a.n_atoms[i]
+        assert np.all(a.atom_types[i, :m] >= 0) and np.all(a.atom_types[i, m:] == -1)
+        assert np.all(a.positions[i, m:] == 0) and np.all(a.charges[i, m:] == 0)
+        np.testing.assert_allclose(a.positions[i].sum(0), 0, atol=1e-4)
+    # the single full-width bucket is the unbucketed sampler, molecule for molecule
+    full = sample_molecules(fn, 9, INFO, key=jr.key(7), batch_size=6, buckets=(29,))
+    plain = sample_molecules(fn, 9, INFO, key=jr.key(7), batch_size=6)
+    np.testing.assert_array_equal(full.positions, plain.positions)
+    with pytest.raises(ValueError, match="largest"):
+        sample_molecules(fn, 4, INFO, key=jr.key(7), batch_size=4, buckets=(17, 20))
