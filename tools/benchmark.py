@@ -351,7 +351,7 @@ def bench_sample(spec, r, cfg: Config, log: CompileLog) -> dict:
             t_full = fixed + full * per_step
             res = dict(steps=full, measured_steps=[lo, hi], measured=[a, b], extrapolated=True)
             res.update(extrapolation="two-point fit" if fit else "t(hi) / hi (fit failed: timing noise)")
-            res.update(per_step_s=per_step, fixed_s=fixed, median_s=t_full, mol_per_s=cfg.batch_size / t_full)
+            res.update(per_step_s=per_step, fixed_s=fixed, median_s=t_full, mol_per_s=cfg.sample_molecules / t_full)
             res["nfe"] = b["nfe"] + (full - hi) * (b["nfe"] - a["nfe"]) // (hi - lo)
         out[name] = res
     return {"samplers": out, **log.since(mark), **memory()}
