@@ -10,6 +10,10 @@ Usage:
     python recipes/evaluate.py --dataset qm9 --limit 500 --no-novelty
     # check the configuration and the input, evaluate nothing
     python recipes/evaluate.py --input samples/ --dry-run
+    # a model's test-set NLL (EDM's variational bound, nats per molecule; EMA weights of a training state)
+    python recipes/evaluate.py --checkpoint checkpoints/edm_qm9_small.eqx --split test
+    # both at once: the model's NLL and the metrics of molecules it generated
+    python recipes/evaluate.py --checkpoint checkpoints/edm_qm9_small.eqx --input samples/pf_ode/samples.sdf
 
 Metrics are printed as a table; with --out, metrics.json (plus the evaluation time in seconds) and the
 resolved config.json are written into that folder.
@@ -21,14 +25,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 import rdkit
 import tyro
 
 import sde_mol
+from sde_mol.configs import dataset_info, load_denoiser
+from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.io import read_molecules
+from sde_mol.likelihood import vlb_nll
 from sde_mol.metrics import evaluate, train_smiles
+from sde_mol.molecule import Molecule
 
 METRIC_KEYS = (
     "atom_stability",
@@ -42,15 +54,20 @@ METRIC_KEYS = (
 
 @dataclass(frozen=True)
 class Config:
-    """Evaluate a set of molecules (generated samples or a dataset split). A `checkpoint` field for the
-    model's NLL is planned; it will sit beside `input`."""
+    """Evaluate a set of molecules (generated samples or a dataset split) and/or a model's NLL on a split."""
 
     input: Path | None = None
     """A .xyz / .sdf file or a folder of them holding the molecules to evaluate (exclusive with --dataset)."""
     dataset: Literal["qm9"] | None = None
     """Evaluate the molecules of a dataset split instead of files (exclusive with --input)."""
     split: Literal["train", "valid", "test"] = "test"
-    """Dataset split used with --dataset."""
+    """Dataset split used with --dataset, and for --checkpoint's NLL."""
+    checkpoint: Path | None = None
+    """An sde_mol checkpoint (denoiser or training state, its EMA model): report its NLL on --split
+    (EDM's variational bound in nats per molecule, one draw of t and noise per molecule, as EDM reports it)."""
+    nll_batch_size: int = 200
+    seed: int = 0
+    """Key of the NLL's draws of t and noise."""
     limit: int | None = None
     """Evaluate only the first n molecules (quick runs)."""
     novelty: bool = True
@@ -62,8 +79,12 @@ class Config:
 
 
 def check(cfg: Config) -> None:
-    if (cfg.input is None) == (cfg.dataset is None):
-        raise ValueError("give exactly one of --input (files of molecules) or --dataset (a dataset split)")
+    if cfg.input is not None and cfg.dataset is not None:
+        raise ValueError("give at most one of --input (files of molecules) or --dataset (a dataset split)")
+    if cfg.input is None and cfg.dataset is None and cfg.checkpoint is None:
+        raise ValueError("nothing to evaluate: give --input, --dataset or --checkpoint")
+    if cfg.checkpoint is not None and not cfg.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
     if cfg.limit is not None and cfg.limit <= 0:
         raise ValueError(f"--limit must be positive, got {cfg.limit}")
     if cfg.input is not None and not cfg.input.exists():
@@ -98,22 +119,74 @@ def table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def model_nll(cfg: Config) -> dict:
+    """Mean NLL (nats/molecule) of the checkpoint on `cfg.split` (first `cfg.limit` molecules), with its
+    standard error over molecules; one compiled batch function, the last batch filled up and trimmed."""
+    denoiser, spec, header = load_denoiser(cfg.checkpoint)
+    info = dataset_info(spec.dataset)
+    split = load_qm9(cfg.split)
+    n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
+    pos, feat, mask = encode_split(split.subset(slice(0, n)), info)
+    timesteps = spec.sde.timesteps
+
+    @eqx.filter_jit
+    def batch_nll(den, positions, features, masks, keys):
+        one = lambda x, h, m, k: vlb_nll(den, Molecule(x, h), m, info, key=k, timesteps=timesteps)  # noqa: E731
+        return jax.vmap(one)(positions, features, masks, keys)
+
+    key = jr.PRNGKey(cfg.seed)
+    b = min(cfg.nll_batch_size, n)
+    t0 = time.perf_counter()
+    nlls = []
+    for lo in range(0, n, b):
+        idx = np.minimum(np.arange(lo, lo + b), n - 1)
+        keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.asarray(idx))
+        out = batch_nll(denoiser, jnp.asarray(pos[idx]), jnp.asarray(feat[idx]), jnp.asarray(mask[idx]), keys)
+        nlls.append(np.asarray(out)[: min(b, n - lo)])
+    nll = np.concatenate(nlls)
+    if not np.all(np.isfinite(nll)):
+        raise FloatingPointError(f"{cfg.checkpoint}: non-finite NLL for {int(np.sum(~np.isfinite(nll)))} molecules")
+    return {
+        "nll": float(nll.mean()),
+        "nll_sem": float(nll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+        "nll_split": f"{spec.dataset}/{cfg.split}",
+        "nll_molecules": int(n),
+        "nll_seconds": time.perf_counter() - t0,
+        "checkpoint": str(cfg.checkpoint),
+        "checkpoint_step": header.get("step"),
+    }
+
+
 def main(cfg: Config) -> dict | None:
     check(cfg)
     config = resolved_config(cfg)
+    has_molecules = cfg.input is not None or cfg.dataset is not None
     if cfg.dry_run:
-        positions, _, source = load(cfg)
         print(json.dumps(config, indent=2))
-        print(f"dry run: would evaluate {len(positions)} molecules from {source}; nothing evaluated or written")
+        if has_molecules:
+            positions, _, source = load(cfg)
+            print(f"dry run: would evaluate {len(positions)} molecules from {source}")
+        if cfg.checkpoint is not None:
+            print(f"dry run: would compute the NLL of {cfg.checkpoint} on the {cfg.split} split")
+        print("nothing evaluated or written")
         return None
-    positions, atom_types, source = load(cfg)
-    t0 = time.perf_counter()
-    reference = train_smiles("train", verbose=True) if cfg.novelty else None
-    t_ref = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = evaluate(positions, atom_types, reference)
-    metrics = {"source": source, **metrics, "seconds": time.perf_counter() - t0, "reference_seconds": t_ref}
-    print(table(metrics))
+    metrics = {}
+    if has_molecules:
+        positions, atom_types, source = load(cfg)
+        t0 = time.perf_counter()
+        reference = train_smiles("train", verbose=True) if cfg.novelty else None
+        t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = evaluate(positions, atom_types, reference)
+        metrics = {"source": source, **metrics, "seconds": time.perf_counter() - t0, "reference_seconds": t_ref}
+        print(table(metrics))
+    if cfg.checkpoint is not None:
+        nll = model_nll(cfg)
+        metrics.update(nll)
+        sem = "" if nll["nll_sem"] is None else f" +- {nll['nll_sem']:.2f}"
+        print(
+            f"{'nll':<20s} {nll['nll']:.2f}{sem} nats/molecule ({nll['nll_split']}, {nll['nll_molecules']} molecules)"
+        )
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         cfg.out.write_text(json.dumps(metrics, indent=2) + "\n")

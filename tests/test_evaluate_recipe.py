@@ -61,9 +61,11 @@ def test_xyz_folder_input(recipe, tmp_path):
 
 
 def test_config_errors_and_dry_run(recipe, tmp_path, capsys):
-    with pytest.raises(ValueError, match="exactly one of --input"):
+    with pytest.raises(ValueError, match="nothing to evaluate"):
         recipe.main(recipe.Config())
-    with pytest.raises(ValueError, match="exactly one of --input"):
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        recipe.main(recipe.Config(checkpoint=tmp_path / "missing.eqx"))
+    with pytest.raises(ValueError, match="at most one of --input"):
         recipe.main(recipe.Config(input=tmp_path, dataset="qm9"))
     with pytest.raises(ValueError, match="--limit must be positive"):
         recipe.main(recipe.Config(dataset="qm9", limit=0))
@@ -80,3 +82,23 @@ def test_cli_parsing(recipe):
     assert cfg == recipe.Config(dataset="qm9", split="valid", limit=7, novelty=False)
     cfg = tyro.cli(recipe.Config, args=["--input", "samples", "--out", "r/metrics.json", "--dry-run"])
     assert cfg.input == Path("samples") and cfg.out == Path("r/metrics.json") and cfg.dry_run
+
+
+def test_checkpoint_nll_is_batch_size_independent(recipe, tmp_path):
+    import jax.random as jr
+
+    from sde_mol import checkpoint
+    from sde_mol.configs import ModelConfig, ModelSpec, build_denoiser, to_dict
+
+    spec = ModelSpec(ModelConfig(hidden=8, n_layers=1))
+    path = tmp_path / "tiny.eqx"
+    checkpoint.save(path, build_denoiser(spec, key=jr.PRNGKey(0)), kind="denoiser", config={"spec": to_dict(spec)})
+    out = tmp_path / "nll" / "metrics.json"
+    a = recipe.main(recipe.Config(checkpoint=path, split="valid", limit=30, nll_batch_size=16, out=out))
+    b = recipe.main(recipe.Config(checkpoint=path, split="valid", limit=30, nll_batch_size=7))
+    c = recipe.main(recipe.Config(checkpoint=path, split="valid", limit=30, nll_batch_size=7, seed=1))
+    assert a["nll_molecules"] == 30 and a["nll_split"] == "qm9/valid" and "atom_stability" not in a
+    assert np.isfinite(a["nll"]) and a["nll"] > 0 and a["nll_sem"] > 0  # an untrained model: a large NLL
+    assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)  # molecule i's draw depends on i and the seed only
+    assert c["nll"] != pytest.approx(a["nll"], rel=1e-5)
+    assert json.loads(out.read_text())["nll"] == pytest.approx(a["nll"])
