@@ -6,6 +6,11 @@ Usage:
     python recipes/sample.py --sampler.sampler ddim --sampler.steps 100 --sampler.eta 1.0
     python recipes/sample.py --sampler.sampler reverse_sde --sampler.steps 500
     python recipes/sample.py --checkpoint runs/edm_qm9_small/best.eqx --dry-run
+    python recipes/sample.py --checkpoint runs/pd_edm/student_4steps.eqx --sampler.sampler ddim --sampler.steps 4
+    python recipes/sample.py --checkpoint runs/ldm_qm9/last.eqx --sampler.sampler ddim --sampler.steps 100
+
+A progressive-distillation student samples with DDIM at its own step count (its header records it; another
+choice runs, with a note). Latent models (recipes/train_latent.py) sample latents and decode them.
 """
 
 import tyro

@@ -36,6 +36,7 @@ from sde_mol.configs import (
     build_sampler,
     dataset_info,
     from_dict,
+    load_denoiser,
     optimizer_from,
     to_dict,
     train_state_skeleton,
@@ -78,6 +79,9 @@ class Config:
     out_dir: Path = Path("runs/edm")
     resume: Path | None = None
     """a last.eqx/best.eqx train_state checkpoint to continue from (its config must match)"""
+    init_from: Path | None = None
+    """warm start: any checkpoint holding a denoiser (its EMA model) with the same model spec; model and EMA start
+    from it, the optimiser state is fresh and the step count continues from its header's step"""
     init_seed: int = 0
     dry_run: bool = False
 
@@ -153,11 +157,14 @@ def make_evaluate(cfg: Config, info):
 
 def main(cfg: Config) -> None:
     distributed.initialise()  # multi-host runs only (see sde_mol/distributed.py); a no-op otherwise
-    if cfg.resume is not None:
-        header = checkpoint.read_header(cfg.resume)
-        stored = from_dict(ModelSpec, header["config"]["spec"])
-        if stored != cfg.spec:
-            raise ValueError(f"{cfg.resume}: its model spec {stored} differs from the requested {cfg.spec}")
+    if cfg.resume is not None and cfg.init_from is not None:
+        raise ValueError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
+    for path in (cfg.resume, cfg.init_from):
+        if path is not None:
+            header = checkpoint.read_header(path)
+            stored = from_dict(ModelSpec, header["config"]["spec"])
+            if stored != cfg.spec:
+                raise ValueError(f"{path}: its model spec {stored} differs from the requested {cfg.spec}")
     print(json.dumps(to_dict(cfg), indent=2, default=str))
     if cfg.dry_run:
         return
@@ -175,6 +182,11 @@ def main(cfg: Config) -> None:
     if cfg.resume is not None:
         state = checkpoint.load(cfg.resume, train_state_skeleton(cfg.spec, hcfg))
         print(f"resumed from {cfg.resume} at step {int(state.step)}")
+    elif cfg.init_from is not None:
+        den, _, header = load_denoiser(cfg.init_from)
+        state = init_state(den, optimizer)
+        state = eqx.tree_at(lambda s: s.step, state, jnp.array(int(header.get("step", 0)), jnp.int32))
+        print(f"initialised from {cfg.init_from} (step {int(state.step)}; fresh optimiser state)")
     else:
         state = init_state(build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed)), optimizer)
     print(f"trainable parameters: {count_params(state.model):,}; train molecules {len(train):,}")

@@ -141,9 +141,7 @@ class KarrasDenoiser(AbstractX0Denoiser):
 # --- consistency functions (Song et al. 2023) ------------------------------------------------------------
 
 
-def consistency_coefficients(
-    scaled_sigma: Scalar, scaled_sigma_min: Scalar, sigma_data: Scalar
-) -> tuple[Real, Real]:
+def consistency_coefficients(scaled_sigma: Scalar, scaled_sigma_min: Scalar, sigma_data: Scalar) -> tuple[Real, Real]:
     """Song et al. (2023, Appendix C) skip and output scales at noise level s = sigma / alpha:
     c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = sd (s - s_min) / sqrt(sd^2 + s^2).
     At s = s_min they are exactly 1 and 0 (a zero difference, no rounding); for s >> s_min they approach

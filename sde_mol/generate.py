@@ -18,7 +18,7 @@ from typing import Literal
 import jax.random as jr
 import numpy as np
 
-from . import io, metrics
+from . import checkpoint, io, latent, metrics
 from .configs import SamplerConfig, build_sampler, dataset_info, load_denoiser, to_dict
 from .samplers import compile_sampler, sample_molecules
 
@@ -67,9 +67,14 @@ def generate(cfg: GenerateConfig) -> dict:
         return {}
     if not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist (train one with recipes/train_edm.py)")
-    denoiser, spec, header = load_denoiser(Path(cfg.checkpoint), which=cfg.which)
-    info = dataset_info(spec.dataset)
-    sampler_fn = build_sampler(cfg.sampler, denoiser, info.n_feat)
+    if latent.is_latent(checkpoint.read_header(Path(cfg.checkpoint))):  # sample latents, decode them
+        sampler_fn, spec, header = latent.load_latent_sampler(Path(cfg.checkpoint), cfg.sampler, which=cfg.which)
+        info = dataset_info(spec.dataset)
+    else:
+        denoiser, spec, header = load_denoiser(Path(cfg.checkpoint), which=cfg.which)
+        info = dataset_info(spec.dataset)
+        sampler_fn = build_sampler(cfg.sampler, denoiser, info.n_feat)
+    _check_distilled_sampler(header, cfg.sampler)
     samples, timing = _timed_sampling(cfg, sampler_fn, info)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +95,20 @@ def generate(cfg: GenerateConfig) -> dict:
     print(metrics_table(result))
     print(f"wrote {cfg.n_samples} molecules and metrics.json to {out}")
     return result
+
+
+def _check_distilled_sampler(header: dict, sampler: SamplerConfig) -> None:
+    """A progressive-distillation student is a DDIM sampler at its own step count (and eta): say so when the
+    requested sampler differs (it still runs)."""
+    own = header["config"].get("distillation", {}).get("sampler")
+    if own is None:
+        return
+    if (sampler.sampler, sampler.steps, sampler.eta) != (own["sampler"], own["steps"], own["eta"]):
+        print(
+            f"note: this checkpoint is a distilled {own['steps']}-step student, trained for --sampler.sampler "
+            f"{own['sampler']} --sampler.steps {own['steps']} --sampler.eta {own['eta']}; sampling with "
+            f"{sampler.sampler} / {sampler.steps} steps / eta {sampler.eta}"
+        )
 
 
 def metrics_table(result: dict) -> str:

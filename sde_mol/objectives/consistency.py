@@ -139,18 +139,14 @@ class AbstractIndexSampler(eqx.Module):
     """Draws the interval index n in 0..N-2 (the pair s_n < s_{n+1}) for a traced N."""
 
     @abc.abstractmethod
-    def __call__(
-        self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key
-    ) -> Int[Array, ""]:
+    def __call__(self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key) -> Int[Array, ""]:
         raise NotImplementedError
 
 
 class UniformIndex(AbstractIndexSampler):
     """n ~ U{0, ..., N-2} (Song et al. 2023)."""
 
-    def __call__(
-        self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key
-    ) -> Int[Array, ""]:
+    def __call__(self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key) -> Int[Array, ""]:
         return jr.randint(key, (), 0, n_points - 1)
 
 
@@ -162,9 +158,7 @@ class LogNormalIndex(AbstractIndexSampler):
     p_mean: float = -1.1
     p_std: float = 2.0
 
-    def __call__(
-        self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key
-    ) -> Int[Array, ""]:
+    def __call__(self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key) -> Int[Array, ""]:
         lo = ndtr((jnp.log(s_min) - self.p_mean) / self.p_std)
         hi = ndtr((jnp.log(s_max) - self.p_mean) / self.p_std)
         u = jr.uniform(key, (), minval=lo, maxval=hi)

@@ -1,0 +1,253 @@
+"""Progressive distillation against the exact oracle (CPU): the target inverts the DDIM step, the DDPM teacher
+step is EDM's ancestral step, the halving schedule is traced (one compilation for every round), one round
+reproduces the teacher's samples from the same noise, and after several rounds a 4-step student still lands
+on the oracle's molecules.
+
+Students are small MLPs (`nn.MLPNet`) under Karras preconditioning: the plain oracle is not rotation-invariant,
+so an equivariant student could not represent it. Molecules: K = 3 toy molecules of 7 atoms (9 slots); their
+pairwise RMSDs are above 1 A, so "within 0.1 A" of a molecule means "on that molecule".
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+from sde_mol.denoisers import AbstractX0Denoiser, KarrasDenoiser
+from sde_mol.molecule import Molecule, com_free_normal
+from sde_mol.nn.egnn import MLPNet
+from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation, ddim_target
+from sde_mol.oracle import OracleDenoiser, toy_molecules
+from sde_mol.samplers import ancestral_step, ddim_sample, ddim_step
+from sde_mol.sde import AbstractSDE, DiscreteVPSDE, PolynomialVPSDE
+from sde_mol.train import init_state, make_step
+
+K, M, CAPACITY, N_FEAT = 3, 7, 9, 6
+DATA, MASK = toy_molecules(jr.key(0), K, M, CAPACITY)
+SDE = DiscreteVPSDE.edm_polynomial()
+ORACLE = OracleDenoiser(DATA, MASK, SDE)
+SAMPLE_KEYS = jr.split(jr.key(99), 500)
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+class _SiLU(eqx.Module):
+    def __call__(self, x):
+        return jax.nn.silu(x)
+
+
+class _Identity(eqx.Module):
+    def __call__(self, x):
+        return x
+
+
+def mlp_student(hidden: int, *, key) -> KarrasDenoiser:
+    """A Karras-preconditioned MLP student. The MLP's activations are swapped for leafless modules: the
+    training step stop-gradients the whole target model, which fails on raw function leaves."""
+    net = MLPNet(CAPACITY, N_FEAT, hidden, 3, key=key)
+    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (_SiLU(), _Identity()))
+    return KarrasDenoiser(net, SDE, sigma_data=1.0)
+
+
+def per_round_decay(lr: float, steps_per_round: int) -> optax.GradientTransformation:
+    """Adam with Salimans & Ho's learning rate, decayed linearly to 0 within each round."""
+    return optax.chain(
+        optax.scale_by_adam(), optax.scale_by_schedule(lambda c: -lr * (1.0 - (c % steps_per_round) / steps_per_round))
+    )
+
+
+def distil(schedule, student, *, teacher=ORACLE, teacher_eta=0.0, student_eta=0.0, lr=3e-3, batch=64, seed=7):
+    """Run every round; returns (the student after each round, the step function)."""
+    objective = ProgressiveDistillation(SDE, schedule, teacher, teacher_eta=teacher_eta, student_eta=student_eta)
+    optimizer = per_round_decay(lr, schedule.steps_per_round)
+    state = init_state(student, optimizer, with_target=True)
+    step = make_step(objective, optimizer, ema_decay=0.0, target_decay=schedule.target_decay, max_traces=1)
+    reps = -(-batch // K)
+    mols = jax.tree.map(lambda a: jnp.tile(a, (reps,) + (1,) * (a.ndim - 1))[:batch], DATA)
+    masks, weights, key = jnp.broadcast_to(MASK, (batch, CAPACITY)), jnp.ones(batch), jr.key(seed)
+    students = []
+    for _ in range(schedule.n_rounds):
+        for _ in range(schedule.steps_per_round):
+            state, aux = step(state, mols, masks, weights, key)
+        students.append(state.model)
+    return students, step
+
+
+def ddim_positions(den, n_steps: int, eta: float = 0.0):
+    """Positions of DDIM samples; sample i starts from the prior noise of SAMPLE_KEYS[i] whatever n_steps is."""
+    fn = jax.vmap(lambda k: ddim_sample(den, SDE, MASK, N_FEAT, key=k, n_steps=n_steps, eta=eta)[0].positions)
+    return np.asarray(jax.jit(fn)(SAMPLE_KEYS))[:, :M]
+
+
+def nearest_rmsd(positions):
+    """RMSD of each sample to its nearest oracle molecule (same frame, no rotation search)."""
+    x = np.asarray(DATA.positions)[:, :M]
+    return np.sqrt(((positions[:, None] - x[None]) ** 2).sum(-1).mean(-1)).min(1)
+
+
+def pair_rmsd(a, b):
+    return np.sqrt(((a - b) ** 2).sum(-1).mean(-1))
+
+
+class FixedX0(AbstractX0Denoiser):
+    value: Molecule
+    sde: AbstractSDE
+
+    def __call__(self, t, z, mask):
+        return self.value
+
+
+# --- exact properties ----------------------------------------------------------------------------------------
+
+
+def test_toy_molecules_are_far_apart():
+    x = np.asarray(DATA.positions)[:, :M]
+    d = pair_rmsd(x[:, None], x[None])
+    assert d[~np.eye(K, dtype=bool)].min() > 1.0
+
+
+@pytest.mark.parametrize("sde", [SDE, PolynomialVPSDE()], ids=["edm_discrete", "polynomial"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_target_inverts_the_ddim_step(sde, eta):
+    """One DDIM(eta) step with x0 = x~ from z_t has mean z_s exactly when x~ = ddim_target(z_t, z_s); for
+    eta = 1 the mean is the DDPM posterior mean alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma^2_{t|s} /
+    sigma_t^2 x0."""
+    x = jax.tree.map(lambda a: a[1], DATA)
+    t, s = jnp.float32(0.625), jnp.float32(0.5)
+    z_t = sde.perturb(jax.tree.map(lambda a: a[0], DATA), MASK, t, key=jr.key(1))[0]
+    key = jr.key(2)
+    z_s = ddim_step(FixedX0(x, sde), sde, s, t, z_t, MASK, eta=eta, key=key)
+    alpha_ts, sigma2_ts = sde.transition(s, t)
+    (alpha_s, sigma_s), (_, sigma_t) = sde.marginal(s), sde.marginal(t)
+    mean = z_s - eta * jnp.sqrt(sigma2_ts) * sigma_s / sigma_t * com_free_normal(key, MASK, N_FEAT)
+    if eta == 1.0:
+        posterior = alpha_ts * sigma_s**2 / sigma_t**2 * z_t + alpha_s * sigma2_ts / sigma_t**2 * x
+        np.testing.assert_allclose(mean.positions, posterior.positions, atol=2e-6)
+    recovered = ddim_target(sde, t, s, z_t, mean, eta)
+    np.testing.assert_allclose(recovered.positions, x.positions, atol=2e-5)
+    np.testing.assert_allclose(recovered.features, x.features, atol=2e-5)
+
+
+def test_ddpm_teacher_step_is_edm_ancestral_step():
+    """The stochastic teacher (DDIM with eta = 1) is EDM's p(z_s | z_t), noise for noise."""
+    z_t = SDE.perturb(jax.tree.map(lambda a: a[2], DATA), MASK, 0.4, key=jr.key(3))[0]
+    for s, t in [(0.375, 0.4), (0.1, 0.35), (0.0, 0.125)]:
+        key = jr.key(int(1000 * t))
+        ddpm = ddim_step(ORACLE, SDE, s, t, z_t, MASK, eta=1.0, key=key)
+        edm = ancestral_step(ORACLE, SDE, s, t, z_t, MASK, com_free_normal(key, MASK, N_FEAT))
+        np.testing.assert_allclose(ddpm.positions, edm.positions, atol=1e-5)
+        np.testing.assert_allclose(ddpm.features, edm.features, atol=1e-5)
+
+
+def test_halving_schedule():
+    sched = HalvingSchedule(n_teacher=64, steps_per_round=10, n_rounds=3)
+    steps = jnp.arange(40)
+    n = jax.vmap(sched.student_steps)(steps)
+    np.testing.assert_array_equal(n, [32] * 10 + [16] * 10 + [8] * 20)  # clipped to the last round
+    decay = jax.vmap(sched.target_decay)(steps)
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(decay) == 0.0), [9, 19, 29, 39])
+    assert [sched.steps_of_round(r) for r in range(3)] == [32, 16, 8]
+    with pytest.raises(ValueError, match="divisible by 2\\^n_rounds"):
+        HalvingSchedule(n_teacher=12, steps_per_round=10, n_rounds=3)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        HalvingSchedule(n_teacher=8, steps_per_round=0, n_rounds=1)
+    with pytest.raises(ValueError, match="teacher_eta"):
+        ProgressiveDistillation(SDE, sched, ORACLE, teacher_eta=2.0)
+
+
+def test_one_compilation_serves_every_round():
+    """N halves and the teacher is replaced by the student at every round boundary, inside ONE compiled step:
+    the step counts, the target copies and the traced N are all checked."""
+    sched = HalvingSchedule(n_teacher=16, steps_per_round=3, n_rounds=3)
+    objective = ProgressiveDistillation(SDE, sched, ORACLE)
+    optimizer = optax.adam(1e-3)
+    state = init_state(mlp_student(16, key=jr.key(1)), optimizer, with_target=True)
+    step = make_step(objective, optimizer, ema_decay=0.0, target_decay=sched.target_decay, max_traces=1)
+    mols = jax.tree.map(lambda a: jnp.tile(a, (2,) + (1,) * (a.ndim - 1)), DATA)
+    masks, weights = jnp.broadcast_to(MASK, (2 * K, CAPACITY)), jnp.ones(2 * K)
+    seen_n = []
+    for k in range(9):
+        before = state.target_model
+        state, aux = step(state, mols, masks, weights, jr.key(0))
+        seen_n.append(int(aux["student_steps"]))
+        w_model = state.model.net.mlp.layers[0].weight
+        w_target = state.target_model.net.mlp.layers[0].weight
+        if (k + 1) % 3 == 0:  # round end: the student becomes the teacher
+            np.testing.assert_array_equal(w_target, w_model)
+        else:
+            np.testing.assert_array_equal(w_target, before.net.mlp.layers[0].weight)
+            assert not np.array_equal(w_target, w_model)
+        assert np.isfinite(float(aux["loss"]))
+    assert seen_n == [8, 8, 8, 4, 4, 4, 2, 2, 2]
+    assert step.num_traces() == 1
+
+
+def test_missing_teacher_is_a_clear_error():
+    objective = ProgressiveDistillation(SDE, HalvingSchedule(8, 1, 1))
+    x = jax.tree.map(lambda a: a[0], DATA)
+    with pytest.raises(ValueError, match="no teacher"):
+        objective.loss_one(mlp_student(8, key=jr.key(0)), x, MASK, key=jr.key(1), step=0)
+
+
+# --- distillation against the oracle ----------------------------------------------------------------------------
+
+
+def test_one_round_reproduces_the_teacher():
+    """A 16-step DDIM teacher (the exact oracle) distilled once: the student's 8-step DDIM sample from the same
+    prior noise is within 0.1 A RMSD of the teacher's 16-step sample for >= 90 % of the noises (median < 0.05
+    A). Why not all: the teacher's flow map is discontinuous where trajectories split between molecules, and a
+    smooth student routes the few noises next to those boundaries to the neighbouring molecule. Measured:
+    ~94 % within 0.1 A, median ~0.026 A (2000 steps)."""
+    (student,), step = distil(HalvingSchedule(16, 2000, 1), mlp_student(512, key=jr.key(1)))
+    teacher_samples = ddim_positions(ORACLE, 16)
+    assert np.all(nearest_rmsd(teacher_samples) < 1e-3)  # the teacher itself lands on the data
+    d = pair_rmsd(ddim_positions(student, 8), teacher_samples)
+    print(f"one round 16 -> 8: within 0.1 A of the teacher {np.mean(d < 0.1):.3f}, median {np.median(d):.4f} A")
+    assert np.mean(d < 0.1) >= 0.9 and np.median(d) < 0.05
+    assert step.num_traces() == 1
+
+
+@pytest.mark.slow
+def test_rounds_keep_hitting_the_oracle():
+    """32 -> 16 -> 8 -> 4 steps in three rounds (one compilation): at every round the student follows its
+    teacher (the previous student) and lands on the oracle's molecules; at 4 steps >= 90 % of samples are
+    within 0.1 A of a molecule. Measured: hits 0.98 / 0.97 / 0.95."""
+    students, step = distil(HalvingSchedule(32, 3000, 3), mlp_student(512, key=jr.key(1)))
+    teacher = ddim_positions(ORACLE, 32)
+    for r, student in enumerate(students):
+        n = 16 >> r
+        cur = ddim_positions(student, n)
+        hits = np.mean(nearest_rmsd(cur) < 0.1)
+        follow = np.mean(pair_rmsd(cur, teacher) < 0.1)
+        print(f"round {r}: {n} steps, hits {hits:.3f}, within 0.1 A of the teacher's sample {follow:.3f}")
+        assert follow >= 0.9 and hits >= 0.9
+        teacher = cur
+    assert step.num_traces() == 1
+
+
+@pytest.mark.slow
+def test_ddpm_teacher_needs_an_ancestral_student():
+    """The stochastic (DDPM) teacher, one round 16 -> 8.
+
+    * Target solved for the student's ancestral step (student_eta = 1) and the student sampled ancestrally
+      (DDIM eta = 1): the first moment of the teacher's two-step transition is matched (for a fixed x0 two
+      posterior steps compose to one), so the student lands on the data: hits >= 0.6 (measured 0.87; the
+      target's variance grows like N, so it learns more slowly than the DDIM student).
+    * Target solved as if the student step were deterministic (student_eta = 0, our reading of Lacombe &
+      Vaidya) with a deterministic student: the expected target is the mean of the stochastic transition, in
+      the small-step limit 2 x_hat - z / alpha, so the student follows the reverse SDE's drift without its
+      noise and over-denoises into averages of molecules: hits <= 0.2 (measured ~0.0)."""
+    (ancestral,), _ = distil(
+        HalvingSchedule(16, 3000, 1), mlp_student(512, key=jr.key(1)), teacher_eta=1.0, student_eta=1.0
+    )
+    hits = np.mean(nearest_rmsd(ddim_positions(ancestral, 8, eta=1.0)) < 0.1)
+    (literal,), _ = distil(HalvingSchedule(16, 3000, 1), mlp_student(512, key=jr.key(1)), teacher_eta=1.0)
+    hits_literal = np.mean(nearest_rmsd(ddim_positions(literal, 8)) < 0.1)
+    print(
+        f"DDPM teacher 16 -> 8: ancestral student hits {hits:.3f}; deterministic-solve student hits {hits_literal:.3f}"
+    )
+    assert hits >= 0.6 and hits_literal <= 0.2

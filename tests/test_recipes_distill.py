@@ -1,0 +1,219 @@
+"""Smoke tests (tiny configs, seconds) of the distillation and latent-diffusion recipes: progressive_distill.py
+with an oracle teacher, with a tiny real checkpoint (interrupted and resumed) and with a latent teacher;
+train_autoencoder.py; train_latent.py; sampling students and latent models through recipes/sample.py."""
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import jax.random as jr
+import numpy as np
+import pytest
+
+from sde_mol import checkpoint
+from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, build_denoiser, load_denoiser, to_dict
+from sde_mol.latent import AutoencoderConfig, load_autoencoder, load_latent
+from sde_mol.train import LoopConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ModelSpec(ModelConfig(hidden=8, n_layers=1))
+
+
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sample(checkpoint_path, out_dir, steps, eta=0.0):
+    sample = _recipe("sample")
+    cfg = sample.GenerateConfig(
+        checkpoint=checkpoint_path,
+        sampler=SamplerConfig("ddim", steps=steps, eta=eta),
+        n_samples=3,
+        batch_size=3,
+        buckets=(),  # one compilation (size buckets would compile one sampler per width)
+        out_dir=out_dir,
+        novelty=False,
+    )
+    return sample.main(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A tiny real (untrained) EDM checkpoint of kind denoiser."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.eqx"
+    checkpoint.save(path, build_denoiser(TINY, key=jr.key(0)), kind="denoiser", config={"spec": to_dict(TINY)})
+    return path
+
+
+def _pd_config(pd, teacher, out_dir, **kw):
+    base = pd.Config(
+        teacher=str(teacher),
+        rounds=2,
+        teacher_steps=8,
+        steps_per_round=2,
+        data=DataConfig(batch_size=4, n_train=16, buckets=(20, 29)),
+        train=LoopConfig(log_every=1, ckpt_every=2),
+        spec=TINY,
+        out_dir=out_dir,
+    )
+    return replace(base, **kw)
+
+
+def test_progressive_distill_oracle_teacher(tmp_path):
+    pd = _recipe("progressive_distill")
+    cfg = _pd_config(pd, "oracle:4", tmp_path, oracle_atoms=9, oracle_rotations=2)
+    rows = pd.main(cfg)
+    assert [r["student_steps"] for r in rows] == [4, 2]
+    for n in (4, 2):
+        header = checkpoint.read_header(tmp_path / f"student_{n}steps.eqx")
+        assert header["kind"] == "denoiser"
+        dist = header["config"]["distillation"]
+        assert dist["student_steps"] == n and dist["sampler"] == {**to_dict(SamplerConfig("ddim", steps=n))}
+        assert header["config"]["spec"]["sde"]["name"] == "vp_discrete"
+    assert len((tmp_path / "students.json").read_text().splitlines()) == 2
+    state_header = checkpoint.read_header(tmp_path / "last.eqx")
+    assert state_header["kind"] == "progressive_train_state" and state_header["step"] == 4
+    # a student round-trips through the checkpoint loader and samples at its own step count
+    den, spec, _ = load_denoiser(tmp_path / "student_2steps.eqx")
+    assert spec == TINY
+    m = _sample(tmp_path / "student_2steps.eqx", tmp_path / "samples", steps=2)
+    assert m["n_molecules"] == 3 and m["nfe"] == 3
+
+
+def test_progressive_distill_real_checkpoint(tiny_teacher, tmp_path):
+    """A checkpoint teacher: the student starts as a copy of it (same structure, header spec) and moves."""
+    pd = _recipe("progressive_distill")
+    rows = pd.main(_pd_config(pd, tiny_teacher, tmp_path, rounds=1, teacher_steps=4))
+    assert [r["student_steps"] for r in rows] == [2]
+    teacher, teacher_spec, _ = load_denoiser(tiny_teacher)
+    student, spec, header = load_denoiser(tmp_path / "student_2steps.eqx")
+    assert (
+        spec == teacher_spec
+        and header["step"] == 2
+        and header["config"]["distillation"]["teacher"] == str(tiny_teacher)
+    )
+    assert student.net.embedding.weight.shape == teacher.net.embedding.weight.shape
+    assert not np.array_equal(student.net.embedding.weight, teacher.net.embedding.weight)
+
+
+@pytest.mark.slow
+def test_progressive_distill_resumes_and_scores(tiny_teacher, tmp_path, capsys):
+    pd = _recipe("progressive_distill")
+    cfg = _pd_config(pd, tiny_teacher, tmp_path, eval_samples=3)
+    # the wall-clock budget runs out after the first step: last.eqx, no student yet
+    assert pd.main(replace(cfg, train=replace(cfg.train, max_minutes=1e-9))) == []
+    assert checkpoint.read_header(tmp_path / "last.eqx")["step"] == 1
+    assert not (tmp_path / "student_4steps.eqx").exists()
+    rows = pd.main(replace(cfg, resume=tmp_path / "last.eqx"))
+    assert [r["student_steps"] for r in rows] == [4, 2]
+    assert all(0 <= r["validity"] <= 1 and 0 <= r["atom_stability"] <= 1 for r in rows)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert checkpoint.read_header(tmp_path / "student_2steps.eqx")["step"] == 4
+    # a different schedule cannot resume this run
+    with pytest.raises(ValueError, match="steps_per_round"):
+        pd.main(replace(cfg, steps_per_round=3, resume=tmp_path / "last.eqx"))
+    capsys.readouterr()
+    _sample(tmp_path / "student_4steps.eqx", tmp_path / "s", steps=8)  # other step counts run, with a note
+    assert "distilled 4-step student" in capsys.readouterr().out
+
+
+def test_progressive_distill_rejects_bad_inputs(tiny_teacher, tmp_path):
+    pd = _recipe("progressive_distill")
+    cfg = _pd_config(pd, tiny_teacher, tmp_path)
+    with pytest.raises(ValueError, match="divisible by 2\\^n_rounds"):
+        pd.main(replace(cfg, teacher_steps=12, rounds=3))
+    with pytest.raises(ValueError, match="oracle:<n>"):
+        pd.main(replace(cfg, teacher="oracle:many"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pd.main(replace(cfg, teacher=str(tmp_path / "missing.eqx")))
+    with pytest.raises(ValueError, match="finer than the teacher's discrete schedule"):
+        pd.main(replace(cfg, teacher_steps=2048))
+    assert pd.main(replace(cfg, dry_run=True)) == []
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+    tae = _recipe("train_autoencoder")
+    out = tmp_path_factory.mktemp("ae")
+    cfg = tae.Config(
+        ae=AutoencoderConfig(latent_channels=2, hidden=8, decoder_layers=1),
+        data=DataConfig(batch_size=8, n_train=32, buckets=(20, 29)),
+        train=LoopConfig(steps=4, log_every=2, eval_every=4, ckpt_every=2),
+        n_valid=8,
+        out_dir=out,
+    )
+    result = tae.main(cfg)
+    return tae, cfg, out, result
+
+
+def test_train_autoencoder_recipe(autoencoder_run):
+    tae, cfg, out, result = autoencoder_run
+    assert 0 <= result["type_accuracy"] <= 1 and result["rmsd"] >= 0 and np.isfinite(result["val_recon"])
+    assert checkpoint.read_header(out / "autoencoder.eqx")["kind"] == "autoencoder"
+    assert checkpoint.read_header(out / "last.eqx")["kind"] == "autoencoder_train_state"
+    ae, _ = load_autoencoder(out / "autoencoder.eqx")
+    ae_state, _ = load_autoencoder(out / "last.eqx")  # the train state's EMA model
+    np.testing.assert_array_equal(ae.net.decoder_head.weight, ae_state.net.decoder_head.weight)
+    assert ae.latent_channels == 2
+    tae.main(replace(cfg, resume=out / "last.eqx", train=replace(cfg.train, steps=6)))
+    assert checkpoint.read_header(out / "autoencoder.eqx")["step"] == 6
+    with pytest.raises(ValueError, match="autoencoder config"):
+        tae.main(replace(cfg, resume=out / "last.eqx", ae=AutoencoderConfig(latent_channels=3)))
+
+
+@pytest.fixture(scope="module")
+def latent_run(autoencoder_run, tmp_path_factory):
+    _, _, ae_dir, _ = autoencoder_run
+    tmp_path = tmp_path_factory.mktemp("latent")
+    tl = _recipe("train_latent")
+    cfg = tl.Config(
+        autoencoder=ae_dir / "autoencoder.eqx",
+        spec=TINY,
+        data=DataConfig(batch_size=8, n_train=32, buckets=(20, 29)),
+        train=LoopConfig(steps=3, log_every=1, eval_every=3, ckpt_every=3),
+        n_valid=8,
+        eval_samples=3,
+        eval_sampler=SamplerConfig("ddim", steps=2),
+        out_dir=tmp_path / "ldm",
+    )
+    tl.main(cfg)
+    return tmp_path
+
+
+def test_train_latent_and_sample(latent_run, tmp_path):
+    header = checkpoint.read_header(latent_run / "ldm" / "last.eqx")
+    assert header["kind"] == "latent_train_state" and header["step"] == 3
+    lines = (latent_run / "ldm" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(x)["eval"] for x in lines if "eval" in x]
+    assert np.isfinite(evals[-1]["val_loss"]) and 0 <= evals[-1]["validity"] <= 1
+    den, ae, spec, _ = load_latent(latent_run / "ldm" / "last.eqx")
+    assert spec == TINY and den.net.n_feat == ae.latent_channels == 2
+    # sampling decodes the latents: sample.py sees ordinary molecules
+    m = _sample(latent_run / "ldm" / "last.eqx", tmp_path / "samples", steps=3)
+    assert m["n_molecules"] == 3 and m["nfe"] == 4
+
+
+@pytest.mark.slow
+def test_latent_progressive_distillation(latent_run, tmp_path):
+    """A latent teacher gives latent students (with the autoencoder embedded) that sample.py decodes."""
+    pd = _recipe("progressive_distill")
+    pd_cfg = _pd_config(pd, latent_run / "ldm" / "last.eqx", tmp_path / "pd", rounds=1, teacher_steps=4)
+    pd.main(replace(pd_cfg, sampler="ddpm", target="ddpm"))
+    student_path = tmp_path / "pd" / "student_2steps.eqx"
+    assert checkpoint.read_header(student_path)["kind"] == "latent_denoiser"
+    assert checkpoint.read_header(student_path)["config"]["distillation"]["sampler"]["eta"] == 1.0
+    m = _sample(student_path, tmp_path / "samples2", steps=2, eta=1.0)
+    assert m["n_molecules"] == 3 and m["nfe"] == 3
+
+
+def test_latent_recipe_needs_an_autoencoder(tmp_path):
+    tl = _recipe("train_latent")
+    with pytest.raises(FileNotFoundError, match="train_autoencoder"):
+        tl.main(tl.Config(autoencoder=tmp_path / "none.eqx", out_dir=tmp_path))
