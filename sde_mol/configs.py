@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import equinox as eqx
+import jax.numpy as jnp
 import jax.random as jr
 
 from . import checkpoint
 from .data.qm9 import DatasetInfo, qm9_info
-from .denoisers import EpsDenoiser, KarrasDenoiser
+from .denoisers import ConsistencyFunction, EpsConsistencyFunction, EpsDenoiser, KarrasDenoiser
 from .nn.egnn import EGNN
 from .sde import AbstractSDE, build_sde
 from .train import build_optimizer, init_state
@@ -51,8 +52,11 @@ class SDEConfig:
 
 @dataclass(frozen=True)
 class DenoiserConfig:
-    parametrisation: Literal["eps", "karras"] = "eps"
+    parametrisation: Literal["eps", "karras", "consistency", "eps_consistency"] = "eps"
+    """eps: EDM's EpsDenoiser; karras: KarrasDenoiser; consistency: ConsistencyFunction (Song et al. 2023);
+    eps_consistency: EpsConsistencyFunction (a consistency function on an EDM eps network, ECT-style init)"""
     sigma_data: float = 0.5
+    """Karras / consistency preconditioning scale (unused by eps and eps_consistency)"""
 
 
 @dataclass(frozen=True)
@@ -151,13 +155,25 @@ def build_network(cfg: ModelConfig, n_feat: int, *, key) -> EGNN:
     )
 
 
+def denoiser_from(cfg: DenoiserConfig, net, sde: AbstractSDE):
+    """The one parametrisation name -> denoiser map (a network and an SDE in, an `AbstractDenoiser` out)."""
+    if cfg.parametrisation == "eps":
+        return EpsDenoiser(net, sde)
+    if cfg.parametrisation == "karras":
+        return KarrasDenoiser(net, sde, sigma_data=cfg.sigma_data)
+    if cfg.parametrisation == "consistency":
+        return ConsistencyFunction(net, sde, sigma_data=cfg.sigma_data)
+    if cfg.parametrisation == "eps_consistency":
+        return EpsConsistencyFunction(net, sde)
+    raise ValueError(
+        f"unknown parametrisation {cfg.parametrisation!r}; expected eps, karras, consistency or eps_consistency"
+    )
+
+
 def build_denoiser(spec: ModelSpec, *, key):
     info = dataset_info(spec.dataset)
     net = build_network(spec.model, info.n_feat, key=key)
-    sde = build_sde_from(spec.sde)
-    if spec.denoiser.parametrisation == "eps":
-        return EpsDenoiser(net, sde)
-    return KarrasDenoiser(net, sde, sigma_data=spec.denoiser.sigma_data)
+    return denoiser_from(spec.denoiser, net, build_sde_from(spec.sde))
 
 
 def denoiser_skeleton(spec: ModelSpec):
@@ -205,10 +221,11 @@ def optimizer_from(cfg: OptimConfig):
 class SamplerConfig:
     """How to draw molecules from a denoiser."""
 
-    sampler: Literal["ancestral", "ddim", "pf_ode", "reverse_sde"] = "pf_ode"
+    sampler: Literal["ancestral", "ddim", "pf_ode", "reverse_sde", "consistency"] = "pf_ode"
     steps: int = 50
-    """number of steps (ancestral: EDM uses 1000; DDIM 100; PF-ODE heun 50; reverse SDE 500); for an adaptive
-    PF-ODE solve, the initial step is (t_max - t_min) / steps"""
+    """number of steps (ancestral: EDM uses 1000; DDIM 100; PF-ODE heun 50; reverse SDE 500; consistency
+    models 1, 2 or 4 network evaluations); for an adaptive PF-ODE solve, the initial step is
+    (t_max - t_min) / steps"""
     solver: Literal["euler", "heun", "midpoint", "tsit5", "dopri5"] = "heun"
     """PF-ODE solver (diffrax)"""
     grid: Literal["uniform", "karras"] = "uniform"
@@ -219,6 +236,10 @@ class SamplerConfig:
     atol: float = 1e-4
     eta: float = 0.0
     """DDIM stochasticity (0 = deterministic)"""
+    consistency_sigmas: tuple[float, ...] = ()
+    """consistency multistep (Song et al. 2023, Algorithm 1): the steps - 1 decreasing noise levels
+    s = sigma / alpha to re-noise to after the first step; empty: `samplers.consistency_times` (iCT's
+    midpoint 0.821 for 2 steps, then a rho = --sampler.rho grid from 0.821 down to s(t_min))"""
 
 
 def build_sampler(cfg: SamplerConfig, denoiser, n_feat: int):
@@ -226,6 +247,8 @@ def build_sampler(cfg: SamplerConfig, denoiser, n_feat: int):
     from . import samplers
 
     sde = denoiser.sde
+    if cfg.sampler == "consistency":
+        return eqx.Partial(samplers.consistency_sample, denoiser, sde, n_feat=n_feat, ts=consistency_times_of(cfg, sde))
     common = dict(n_feat=n_feat, grid=cfg.grid, rho=cfg.rho)
     if cfg.sampler == "ancestral":
         return eqx.Partial(samplers.ancestral_sample, denoiser, sde, n_steps=cfg.steps, **common)
@@ -244,3 +267,21 @@ def build_sampler(cfg: SamplerConfig, denoiser, n_feat: int):
         atol=cfg.atol,
         **common,
     )
+
+
+def consistency_times_of(cfg: SamplerConfig, sde: AbstractSDE):
+    """The intermediate times of a consistency sampler of `cfg.steps` steps: from `cfg.consistency_sigmas`
+    (noise levels s = sigma / alpha) when given, else `samplers.consistency_times`."""
+    from . import samplers
+
+    if not cfg.consistency_sigmas:
+        return samplers.consistency_times(sde, cfg.steps, rho=cfg.rho)
+    sigmas = tuple(float(s) for s in cfg.consistency_sigmas)
+    if len(sigmas) != cfg.steps - 1:
+        raise ValueError(
+            f"--sampler.consistency-sigmas {sigmas}: a {cfg.steps}-step consistency sampler re-noises "
+            f"{cfg.steps - 1} times (give steps - 1 levels)"
+        )
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0:
+        raise ValueError(f"--sampler.consistency-sigmas {sigmas}: expected positive, strictly decreasing levels")
+    return samplers.sigmas_to_times(sde, jnp.asarray(sigmas, jnp.float32))

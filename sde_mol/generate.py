@@ -98,9 +98,19 @@ def generate(cfg: GenerateConfig) -> dict:
 
 
 def _check_distilled_sampler(header: dict, sampler: SamplerConfig) -> None:
-    """A progressive-distillation student is a DDIM sampler at its own step count (and eta): say so when the
-    requested sampler differs (it still runs)."""
-    own = header["config"].get("distillation", {}).get("sampler")
+    """A progressive-distillation student is a DDIM sampler at its own step count (and eta), a consistency
+    model (header entry "consistency") a consistency sampler at any step count: say so when the requested
+    sampler differs (it still runs)."""
+    config = header["config"]
+    own = config.get("consistency", {}).get("sampler")
+    if own is not None:
+        if sampler.sampler != own["sampler"]:
+            print(
+                f"note: this checkpoint is a consistency model, trained for --sampler.sampler {own['sampler']} "
+                f"(--sampler.steps 1, 2, 4, ...); sampling with {sampler.sampler}"
+            )
+        return
+    own = config.get("distillation", {}).get("sampler")
     if own is None:
         return
     if (sampler.sampler, sampler.steps, sampler.eta) != (own["sampler"], own["steps"], own["eta"]):

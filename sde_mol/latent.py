@@ -33,10 +33,10 @@ from .configs import (
     build_sampler,
     build_sde_from,
     dataset_info,
+    denoiser_from,
     from_dict,
     optimizer_from,
 )
-from .denoisers import EpsDenoiser, KarrasDenoiser
 from .molecule import Molecule
 from .nn.autoencoder import POSTERIOR_STD, EquivariantAutoencoder
 from .objectives.base import AbstractObjective
@@ -78,10 +78,7 @@ def build_autoencoder(cfg: AutoencoderConfig, *, key: Key) -> EquivariantAutoenc
 def build_latent_denoiser(spec: ModelSpec, latent_channels: int, *, key: Key):
     """A denoiser of latent molecules: the spec's network with n_feat = k, its SDE and parametrisation."""
     net = build_network(spec.model, latent_channels, key=key)
-    sde = build_sde_from(spec.sde)
-    if spec.denoiser.parametrisation == "eps":
-        return EpsDenoiser(net, sde)
-    return KarrasDenoiser(net, sde, sigma_data=spec.denoiser.sigma_data)
+    return denoiser_from(spec.denoiser, net, build_sde_from(spec.sde))
 
 
 # --- objective and sampler wrappers -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.scipy.special import logsumexp, ndtr
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .data.qm9 import DatasetInfo
 from .molecule import Molecule, com_dof, com_free_normal, n_real, normal_log_prob, project
@@ -167,7 +167,7 @@ def pf_ode_log_prob(
     atol: float = 1e-5,
     exact_trace: bool = True,
     max_steps: int = 4096,
-) -> tuple[Float[Array, ""], Float[Array, ""]]:
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
     """log p_0(x) by the probability-flow ODE and the instantaneous change of variables, on the state space
     (CoM-free positions and real-atom features; padded entries are zero and carry no density).
 

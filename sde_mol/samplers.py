@@ -8,6 +8,8 @@ from t_max to t_min (public, reusable with any start state and grid) -> one fina
 * DDIM (Song et al. 2021): deterministic for eta = 0, DDPM-like for eta = 1.
 * PF-ODE: `diffrax.diffeqsolve` of dz/dt = f z - g^2/2 score on a fixed grid (StepTo) or adaptively (PID).
 * reverse SDE: Euler-Maruyama of dz = (f z - g^2 score) dt + g dW_bar through diffrax, CoM-free noise.
+* consistency (Song et al. 2023, Algorithm 1): x = f(t_max, z_T) in one step; multistep re-noises x to each
+  of a decreasing list of intermediate times and applies f again (`consistency_times` gives the default list).
 
 Time grids (`grid`): "uniform" in the SDE's time, or "karras" (rho-spaced in sigma / alpha); see
 `schedules.time_grid`. Keys: per-step keys `jr.fold_in(key, step)`; in `sample_molecules` molecule i uses
@@ -28,7 +30,7 @@ from jaxtyping import Array, Float, Int
 from .data.qm9 import DatasetInfo
 from .denoisers import AbstractDenoiser, eps_to_x0, x0_to_eps
 from .molecule import Molecule, com_free_normal, project, remove_com
-from .schedules import GridSpacing, time_grid
+from .schedules import GridSpacing, karras_sigma_grid, time_grid
 from .sde import AbstractSDE
 from .terms import SolverName, pf_ode_term, reverse_sde_terms, solver_evals, solver_from_name
 from .typing import Key, NodeMask, Scalar
@@ -296,6 +298,84 @@ def reverse_sde_sample(
     z = sde.prior(mask, n_feat, key=k_prior)
     z = reverse_sde_solve(denoiser, sde, z, mask, ts, key=k_path, brownian_tol=brownian_tol)
     return denoiser(ts[-1], z, mask), jnp.asarray(n_steps + 1, jnp.int32)
+
+
+# --- consistency models ----------------------------------------------------------------------------------
+
+CT_MIDPOINT = 0.821
+"""iCT's two-step midpoint (Song & Dhariwal 2023, sigma_data = 0.5): the default first re-noising level."""
+
+
+def consistency_times(
+    sde: AbstractSDE, n_steps: int, *, sigma_hi: float = CT_MIDPOINT, rho: float = 7.0
+) -> Times:
+    """The default intermediate times of an n_steps consistency sampler: n_steps - 1 decreasing times whose
+    scaled noise levels s = sigma / alpha are the first n_steps - 1 nodes of the Karras rho grid of n_steps - 1
+    intervals from min(sigma_hi, s(t_max)) down to s(t_min). So 2 steps re-noise once to iCT's midpoint
+    s = 0.821, and 4 steps to s = 0.821, 0.195, 0.034 on EDM's VP schedule (s_min = 3.2e-3): each further step
+    refines at a lower noise level. (Re-noising at the Karras nodes of the whole [s_min, s_max] range would
+    start at s = 8.5 for n_steps = 2 on that schedule, which erases the first step's result.) Host-side; the
+    result is an array, traced inside `sample_molecules`."""
+    if n_steps < 1:
+        raise ValueError(f"a consistency sampler takes n_steps >= 1, got {n_steps}")
+    if n_steps == 1:
+        return jnp.zeros((0,), jnp.float32)
+    s_lo = float(sde.scaled_sigma(sde.t_min))
+    s_hi = min(float(sigma_hi), float(sde.scaled_sigma(sde.t_max)))
+    if not s_lo < s_hi:
+        raise ValueError(f"consistency_times: sigma_hi {sigma_hi} is not above the SDE's s(t_min) = {s_lo:.4g}")
+    sigmas = karras_sigma_grid(s_lo, s_hi, n_steps - 1, rho)[:-1]
+    return sigmas_to_times(sde, sigmas)
+
+
+def sigmas_to_times(sde: AbstractSDE, sigmas: Float[Array, " n_times"]) -> Times:
+    """Times t of `sde` with sigma(t) / alpha(t) = sigmas (`t_from_logsnr`; clipped to the domain)."""
+    return sde.t_from_logsnr(-2.0 * jnp.log(jnp.asarray(sigmas, jnp.float32)))
+
+
+def consistency_solve(
+    denoiser: AbstractDenoiser, sde: AbstractSDE, x: Molecule, mask: NodeMask, ts: Times, *, key: Key
+) -> Molecule:
+    """Song et al. (2023) Algorithm 1 after its first step: for each time t of the decreasing list `ts`,
+    re-noise the estimate x (a state at t_min: f's output) to t and map it back with the consistency function:
+
+        z = alpha(t) (x + sqrt(s(t)^2 - s_min^2) eps),   x <- f(t, z),
+
+    s = sigma / alpha, eps standard normal on the state space (CoM-free positions, masked features) from
+    `jr.fold_in(key, i)` at step i. x already carries the noise level s_min, so z has exactly the SDE's
+    marginal noise sigma(t) = alpha(t) s(t) (for s_min -> 0 this is z = alpha x + sigma eps)."""
+    s_min = sde.scaled_sigma(sde.t_min)
+
+    def body(i, x):
+        t = ts[i]
+        alpha, sigma = sde.marginal(t)
+        scale = jnp.sqrt(jnp.maximum((sigma / alpha) ** 2 - s_min**2, 0.0))
+        eps = com_free_normal(jr.fold_in(key, i), mask, x.n_feat, x.positions.dtype)
+        return denoiser(t, project(alpha * (x + scale * eps), mask), mask)
+
+    if ts.shape[0] == 0:  # a static shape: the one-step sampler traces no loop
+        return x
+    return jax.lax.fori_loop(0, ts.shape[0], body, x)
+
+
+def consistency_sample(
+    denoiser: AbstractDenoiser,
+    sde: AbstractSDE,
+    mask: NodeMask,
+    n_feat: int,
+    *,
+    key: Key,
+    ts: Times | None = None,
+) -> tuple[Molecule, NFE]:
+    """A consistency model's sample: x = f(t_max, z_T), z_T from the prior (CoM-free), then one more
+    evaluation per intermediate time of the decreasing list `ts` (`consistency_solve`; None or empty: the
+    one-step sample). `consistency_times(sde, n)` gives the default list of an n-step sampler."""
+    ts = jnp.zeros((0,), jnp.float32) if ts is None else jnp.asarray(ts, jnp.float32)
+    k_prior, k_steps = jr.split(key)
+    z = sde.prior(mask, n_feat, key=k_prior)
+    x = denoiser(sde.t_max, z, mask)
+    x = consistency_solve(denoiser, sde, x, mask, ts, key=k_steps)
+    return x, jnp.asarray(ts.shape[0] + 1, jnp.int32)
 
 
 # --- decoding and batching -------------------------------------------------------------------------------
