@@ -12,6 +12,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+from sde_mol.data.qm9 import DatasetInfo
 from sde_mol.likelihood import log_p_features_given_z0, log_p_xh_given_z0, pf_ode_log_prob, vlb_nll, vlb_terms
 from sde_mol.molecule import Molecule, com_free_normal, normal_log_prob, project
 from sde_mol.oracle import GaussianOracle
@@ -175,3 +176,35 @@ def test_padding_carries_no_density():
     lp, _ = pf_ode_log_prob(oracle, x, mask, rtol=1e-7, atol=1e-7)
     lp_w, _ = pf_ode_log_prob(oracle_w, jax.tree.map(wide, x), mask_w, rtol=1e-7, atol=1e-7)
     assert abs(float(lp) - float(lp_w)) < 1e-3
+
+
+def test_vlb_bounds_the_exact_nll_of_gaussian_data():
+    """Positions-only data x ~ N(0, s^2 I) on the CoM-free subspace, exact denoiser, EDM's T = 1000 table: the
+    bound, summed over every step (no t-sampling variance), lies above the exact NLL by a gap that does not
+    depend on the data scale (measured: 5.8 nats for 15 dimensions). The gap is the discretisation's: near
+    t = 0, EDM's steps change the SNR by ~20 % each, where every smooth density looks flat."""
+    sde = DiscreteVPSDE.edm_polynomial()
+    info = DatasetInfo(
+        atom_decoder=(), atomic_numbers=(), include_charges=False, max_n_atoms=6, size_counts=(0,) * 6 + (1,)
+    )
+    mask = jnp.ones(6, bool)
+    gaps = []
+    for scale in (0.5, 2.0):
+        oracle = GaussianOracle(Molecule(jnp.zeros((6, 3)), jnp.zeros((6, 0))), scale, sde)
+        xs = jax.vmap(lambda k, s=scale: project(s * com_free_normal(k, mask, 0), mask))(jr.split(jr.key(0), 400))
+
+        def bound(x, key, oracle=oracle):
+            def term(t, k):
+                e, e0 = com_free_normal(k, mask, 0), com_free_normal(jr.fold_in(k, 1), mask, 0)
+                return vlb_terms(oracle, x, mask, info, t, e, e0)
+
+            tt = jax.vmap(term)(jnp.arange(1, 1001), jr.split(key, 1000))
+            return tt["kl_prior"][0] + jnp.sum(tt["loss_t"]) + tt["neg_log_constants"][0] + jnp.mean(tt["loss_term_0"])
+
+        v = jax.jit(jax.vmap(bound))(xs, jr.split(jr.key(2), 400))
+        exact = jax.vmap(lambda x, s=scale: -normal_log_prob(x, mask, s))(xs)
+        gap = v - exact
+        se = float(jnp.std(gap)) / np.sqrt(len(gap))
+        assert float(jnp.mean(gap)) > 4 * se  # an upper bound
+        gaps.append(float(jnp.mean(gap)))
+    assert 0 < gaps[0] < 0.5 * 15 and abs(gaps[0] - gaps[1]) < 0.5, gaps
