@@ -138,6 +138,15 @@ def build_sde_from(cfg: SDEConfig) -> AbstractSDE:
     return build_sde(cfg.name)
 
 
+def continuous_sde_config(cfg: SDEConfig) -> SDEConfig:
+    """The continuous-time twin of an SDE config: EDM's discrete table `vp_discrete` becomes `vp_polynomial`
+    (the same polynomial schedule, power and precision, in continuous time; see `sde.DiscreteVPSDE`); every
+    other SDE is already continuous and returned unchanged."""
+    if cfg.name == "vp_discrete":
+        return dataclasses.replace(cfg, name="vp_polynomial")
+    return cfg
+
+
 def build_network(cfg: ModelConfig, n_feat: int, *, key) -> EGNN:
     return EGNN(
         n_feat,
@@ -282,6 +291,38 @@ def consistency_times_of(cfg: SamplerConfig, sde: AbstractSDE):
             f"--sampler.consistency-sigmas {sigmas}: a {cfg.steps}-step consistency sampler re-noises "
             f"{cfg.steps - 1} times (give steps - 1 levels)"
         )
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0:
+    if any(b >= a for a, b in zip(sigmas[:-1], sigmas[1:], strict=True)) or sigmas[-1] <= 0:
         raise ValueError(f"--sampler.consistency-sigmas {sigmas}: expected positive, strictly decreasing levels")
     return samplers.sigmas_to_times(sde, jnp.asarray(sigmas, jnp.float32))
+
+
+@dataclass(frozen=True)
+class ConsistencyLossConfig:
+    """The consistency loss (`objectives.consistency.ConsistencyLoss`): distance, weighting, interval index."""
+
+    distance: Literal["l2", "l1", "pseudo_huber"] = "l2"
+    """squared L2 (Song et al. 2023), L1, or iCT's pseudo-Huber sqrt(d^2 + c^2) - c"""
+    huber_c: float | None = None
+    """pseudo-Huber c; None: iCT's 0.00054 sqrt(state dimension) of each molecule"""
+    weighting: Literal["uniform", "inverse_step"] = "uniform"
+    """lambda = 1 (Song et al.) or 1 / (s_{n+1} - s_n) (iCT)"""
+    index: Literal["uniform", "lognormal"] = "uniform"
+    """interval n ~ U{0..N-2} (Song et al.) or iCT's discretised log-normal of the noise level"""
+    p_mean: float = -1.1
+    """lognormal index: mean of log s (iCT)"""
+    p_std: float = 2.0
+    """lognormal index: std of log s (iCT)"""
+    rho: float = 7.0
+    """the N-point grid is rho-spaced in s = sigma / alpha"""
+
+
+def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points):
+    """A `ConsistencyLoss` from its config, the estimator (`TeacherStep` for CD, `UnbiasedEstimator` for CT)
+    and the curriculum N(k) (a callable of the step, e.g. `eqx.Partial(schedules.constant_n, n=18)`)."""
+    from .objectives import consistency as cm
+
+    distances = {"l2": cm.L2Distance, "l1": cm.L1Distance}
+    distance = cm.PseudoHuberDistance(cfg.huber_c) if cfg.distance == "pseudo_huber" else distances[cfg.distance]()
+    weighting = cm.InverseStepWeighting() if cfg.weighting == "inverse_step" else cm.UniformWeighting()
+    index = cm.LogNormalIndex(cfg.p_mean, cfg.p_std) if cfg.index == "lognormal" else cm.UniformIndex()
+    return cm.ConsistencyLoss(estimator, n_points, distance, weighting, index, cfg.rho)

@@ -1,0 +1,241 @@
+"""What the consistency recipes share (recipes/consistency_distill.py and recipes/consistency_train.py): the data
+sources, the continuous-time teacher, the student, the training run and its checkpoints.
+
+Checkpoints. A run writes `last.eqx`, kind "train_state" (model, EMA model, target model or None, optimiser
+state, step), which `configs.load_denoiser` reads like every training state (its EMA model by default), and at
+the end of every invocation `student.eqx`, kind "denoiser", the EMA consistency function. Both headers hold the
+student's `ModelSpec` (parametrisation "consistency" or "eps_consistency", a continuous-time SDE), so
+`load_denoiser` rebuilds a `ConsistencyFunction` / `EpsConsistencyFunction`, and a "consistency" entry: the
+method ("cd" / "ct"), the sampler to use (`SamplerConfig("consistency", steps=1)`; 2, 4, ... steps work as well)
+and the run's settings. `generate` reads that entry and notes a mismatching `--sampler.sampler`.
+
+Discrete teachers. EDM checkpoints use `DiscreteVPSDE`, whose marginal is piecewise constant in t (a lookup of
+T = 1000 table levels). The consistency grid's times (rho-spaced in sigma / alpha, N(k) of them) fall between
+the table's knots, where the lookup snaps them onto the nearest level: grid points closer than half a table
+step collapse onto one noise level, while the teacher's PF-ODE step between them (with the interpolated
+table's rates) still moves the state, so the student would be asked to be consistent across steps it cannot
+see, and every grid noise level is off the marginal it is drawn from. `continuous_teacher` therefore re-wraps
+the teacher's network with the continuous twin of its schedule (`PolynomialVPSDE` of the same power and
+precision, which equals EDM's table at every knot up to the table's float32 rounding; checked here), and the
+student lives on that SDE too. The network is unchanged: it receives the raw time t, on which it was trained at
+the knots i / T.
+"""
+
+import json
+from dataclasses import replace
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from . import checkpoint, metrics
+from .configs import (
+    DataConfig,
+    ModelSpec,
+    SamplerConfig,
+    build_sampler,
+    build_sde_from,
+    continuous_sde_config,
+    dataset_info,
+    denoiser_from,
+    optimizer_from,
+    to_dict,
+)
+from .data.loader import Batch, BatchIterator, encode_split
+from .data.qm9 import load_qm9
+from .denoisers import AbstractDenoiser
+from .molecule import Molecule
+from .oracle import OracleDenoiser, rotation_augmented
+from .samplers import sample_molecules
+from .sde import AbstractSDE, DiscreteVPSDE
+from .train import compute_dtype_from, count_params, host_batches, init_state, make_step, run_loop
+from .train import to_device as batch_to_device
+
+CONSISTENCY_PARAMETRISATIONS = ("consistency", "eps_consistency")
+
+
+def parse_count(value: str, prefix: str, flag: str) -> int | None:
+    """n of "<prefix>:<n>" (a positive integer); None when `value` does not start with "<prefix>:"."""
+    if not value.startswith(prefix + ":"):
+        return None
+    n = value.removeprefix(prefix + ":")
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{flag} {value!r}: expected {prefix}:<n> with a positive integer n")
+    return int(n)
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def fixed_molecules(n: int, n_atoms: int, rotations: int, sde: AbstractSDE, *, seed: int, batch_size: int, data_seed):
+    """The first n QM9 train molecules with `n_atoms` atoms, each under `rotations` fixed random rotations:
+    (their exact `OracleDenoiser` on `sde`, host batches drawing its molecules uniformly, seeded per step)."""
+    info = dataset_info("qm9")
+    train = load_qm9("train")
+    idx = np.flatnonzero(train.n_atoms == n_atoms)[:n]
+    if len(idx) < n:
+        raise ValueError(f"QM9's train split has only {len(idx)} molecules of {n_atoms} atoms (asked for {n})")
+    pos, feat, mask = encode_split(train.subset(idx), info)
+    data, mask = Molecule(jnp.asarray(pos), jnp.asarray(feat)), jnp.asarray(mask[0])
+    if rotations > 1:
+        oracle = rotation_augmented(data, mask, sde, rotations, key=jr.PRNGKey(seed + 1))
+    else:
+        oracle = OracleDenoiser(data, mask, sde)
+    rows_x, rows_h, m = np.asarray(oracle.data.positions), np.asarray(oracle.data.features), np.asarray(mask)
+
+    def batches(start: int):
+        for k in range(start, 2**62):
+            i = np.random.default_rng([data_seed, k]).integers(0, rows_x.shape[0], batch_size)
+            yield Batch(
+                rows_x[i],
+                rows_h[i],
+                np.broadcast_to(m, (batch_size, m.shape[0])),
+                np.full(batch_size, m.sum()),
+                np.ones(batch_size, np.float32),
+            )
+
+    return oracle, batches
+
+
+def qm9_batches(data: DataConfig, *, seed: int):
+    """Host batches of the QM9 train split (its first `data.n_train` molecules when set), from a global step on."""
+    train = load_qm9("train")
+    if data.n_train is not None:
+        train = train.subset(slice(0, data.n_train))
+    iterator = BatchIterator(train, dataset_info(data.dataset), data.batch_size, seed=seed, buckets=data.buckets)
+    return lambda start: host_batches(iterator, start)
+
+
+# --- teacher and student -----------------------------------------------------------------------------------
+
+
+def continuous_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
+    """The teacher on the continuous twin of its SDE (module docstring), and its spec with that SDE. A
+    `DiscreteVPSDE` teacher whose table is not the twin's schedule (another table) is an error."""
+    twin_cfg = continuous_sde_config(spec.sde)
+    if twin_cfg == spec.sde:
+        return teacher, spec
+    twin = build_sde_from(twin_cfg)
+    if isinstance(teacher.sde, DiscreteVPSDE):
+        n = teacher.sde.n_timesteps
+        knots = np.arange(n, dtype=np.float32) / np.float32(n)  # the last knot carries EDM's clip; skip it
+        table = np.asarray(teacher.sde.gamma_table[:n], np.float64)
+        gap = float(np.max(np.abs(np.asarray(jax.vmap(twin.gamma)(jnp.asarray(knots)), np.float64) - table)))
+        if gap > 1e-3 * max(1.0, float(np.max(np.abs(table)))):
+            raise ValueError(
+                f"the teacher's discrete schedule differs from its continuous twin {twin_cfg.name} by {gap:.3g} in "
+                "gamma at the table knots: CD needs a continuous-time SDE (see sde_mol/consistency_recipe.py)"
+            )
+    return eqx.tree_at(lambda d: d.sde, teacher, twin), replace(spec, sde=twin_cfg)
+
+
+def check_student_spec(spec: ModelSpec) -> None:
+    """A consistency student: a consistency parametrisation on a continuous-time SDE."""
+    if spec.denoiser.parametrisation not in CONSISTENCY_PARAMETRISATIONS:
+        raise ValueError(
+            f"--spec.denoiser.parametrisation {spec.denoiser.parametrisation!r}: a consistency student needs one of "
+            f"{CONSISTENCY_PARAMETRISATIONS}"
+        )
+    if continuous_sde_config(spec.sde) != spec.sde:
+        raise ValueError(
+            f"--spec.sde.name {spec.sde.name!r} is piecewise constant in time: consistency models need a "
+            f"continuous-time SDE (its twin is {continuous_sde_config(spec.sde).name!r})"
+        )
+
+
+def student_from_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
+    """ECT-style initialisation (Geng et al. 2024): a consistency function on a copy of a (continuous-SDE)
+    teacher's network. eps teachers give `EpsConsistencyFunction`, Karras teachers `ConsistencyFunction` with
+    their sigma_data (whose c_skip, c_out approach Karras' away from t_min)."""
+    param = {"eps": "eps_consistency", "karras": "consistency"}.get(spec.denoiser.parametrisation)
+    if param is None:
+        raise ValueError(f"cannot initialise a consistency student from a {spec.denoiser.parametrisation!r} teacher")
+    spec = replace(spec, denoiser=replace(spec.denoiser, parametrisation=param))
+    return denoiser_from(spec.denoiser, teacher.net, teacher.sde), spec
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg,
+    *,
+    method: str,
+    objective,
+    student: AbstractDenoiser,
+    spec: ModelSpec,
+    batches,
+    with_target: bool,
+    target_decay,
+    resume_keys: tuple[str, ...],
+    settings: dict,
+) -> dict:
+    """Train a consistency student with `train.run_loop` and write its checkpoints (module docstring).
+
+    `cfg` is the recipe's Config: it must have `optim`, `train` (a LoopConfig), `data` (batch_size), `out_dir`,
+    `resume`, `eval_samples` and `eval_steps`. `resume_keys`: the Config fields a resumed run must share with
+    the checkpoint's. `settings`: what the header's "consistency" entry records besides method and sampler."""
+    check_student_spec(spec)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    full = json.loads(json.dumps(to_dict(cfg), default=str))
+    (cfg.out_dir / "config.json").write_text(json.dumps(full, indent=2))
+    entry = {"method": method, "sampler": to_dict(SamplerConfig("consistency", steps=1)), **settings}
+    header = {"recipe": f"consistency_{method}", "spec": to_dict(spec), "consistency": entry, "full": full}
+    state_header = dict(header, optim=to_dict(cfg.optim), with_target=with_target)
+    optimizer = optimizer_from(cfg.optim)
+    if cfg.resume is not None:
+        stored = checkpoint.read_header(cfg.resume)["config"]
+        for key in resume_keys:
+            before = stored.get("full", {}).get(key)
+            if before != full[key]:
+                raise ValueError(f"{cfg.resume}: its {key} {before!r} differs from the requested {full[key]!r}")
+        if stored.get("consistency") != entry:
+            raise ValueError(f"{cfg.resume}: its run {stored.get('consistency')} differs from the requested {entry}")
+        like = eqx.filter_eval_shape(lambda: init_state(student, optimizer, with_target=with_target))
+        state = checkpoint.load(cfg.resume, like, kind="train_state")
+        print(f"resumed from {cfg.resume} at step {int(state.step)}")
+    else:
+        state = init_state(student, optimizer, with_target=with_target)
+    print(f"consistency {method}: student parameters {count_params(state.model):,}, {cfg.train.steps} steps")
+    step_fn = make_step(
+        objective,
+        optimizer,
+        ema_decay=cfg.optim.ema_decay,
+        target_decay=target_decay,
+        donate=True,
+        compute_dtype=compute_dtype_from(cfg.train.precision),
+    )
+
+    def save_state(path, st):
+        checkpoint.save(path, st, kind="train_state", config=state_header, step=int(st.step))
+
+    state = run_loop(
+        state,
+        step_fn,
+        batches,
+        cfg=cfg.train,
+        out_dir=cfg.out_dir,
+        save=save_state,
+        batch_size=cfg.data.batch_size,
+        to_device=batch_to_device,
+    )
+    path = cfg.out_dir / "student.eqx"
+    checkpoint.save(path, state.ema_model, kind="denoiser", config=header, step=int(state.step))
+    result = {"student": str(path), "step": int(state.step)}
+    for n in cfg.eval_steps if cfg.eval_samples else ():
+        result[f"{n}_step"] = evaluate(state.ema_model, spec, n, cfg.eval_samples, seed=cfg.train.seed + 2)
+    print(f"wrote {path} (step {int(state.step)})" + "".join(f"; {k}: {v}" for k, v in result.items() if "step_" in k))
+    (cfg.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(student: AbstractDenoiser, spec: ModelSpec, steps: int, n: int, *, seed: int) -> dict:
+    """EDM's metrics of n molecules from the `steps`-step consistency sampler."""
+    info = dataset_info(spec.dataset)
+    fn = build_sampler(SamplerConfig("consistency", steps=steps), student, info.n_feat)
+    res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=n)
+    m = metrics.evaluate(res.positions, res.atom_types, None, atom_decoder=info.atom_decoder)
+    return {k: v for k, v in m.items() if v is not None}
+

@@ -1,0 +1,180 @@
+"""Smoke tests (tiny configs, seconds) of recipes/consistency_distill.py and recipes/consistency_train.py: an oracle
+teacher, a tiny real EDM checkpoint (discrete schedule -> continuous twin, ECT initialisation, interrupted and
+resumed), CT on fixed molecules with both curricula, and sampling every produced checkpoint through
+recipes/sample.py with the one- and two-step consistency sampler."""
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import jax.random as jr
+import numpy as np
+import pytest
+
+from sde_mol import checkpoint
+from sde_mol.configs import (
+    DataConfig,
+    DenoiserConfig,
+    ModelConfig,
+    ModelSpec,
+    SamplerConfig,
+    SDEConfig,
+    build_denoiser,
+    load_denoiser,
+    to_dict,
+)
+from sde_mol.denoisers import ConsistencyFunction, EpsConsistencyFunction
+from sde_mol.sde import PolynomialVPSDE
+from sde_mol.train import LoopConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_EDM = ModelSpec(ModelConfig(hidden=8, n_layers=1))  # EDM's discrete schedule, eps parametrisation
+TINY_CM = ModelSpec(ModelConfig(hidden=8, n_layers=1), SDEConfig("vp_polynomial"), DenoiserConfig("consistency"))
+
+
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sample(checkpoint_path, out_dir, steps):
+    sample = _recipe("sample")
+    cfg = sample.GenerateConfig(
+        checkpoint=checkpoint_path,
+        sampler=SamplerConfig("consistency", steps=steps),
+        n_samples=3,
+        batch_size=3,
+        buckets=(),
+        out_dir=out_dir,
+        novelty=False,
+    )
+    return sample.main(cfg)
+
+
+def _common(out_dir, **kw):
+    return dict(
+        optim=replace(_recipe("consistency_distill").Config().optim, ema_decay=0.5),
+        data=DataConfig(batch_size=4, n_train=16, buckets=(20, 29)),
+        train=LoopConfig(steps=3, log_every=1, ckpt_every=2),
+        spec=TINY_CM,
+        out_dir=out_dir,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A tiny real (untrained) EDM checkpoint: kind denoiser, DiscreteVPSDE."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.eqx"
+    checkpoint.save(path, build_denoiser(TINY_EDM, key=jr.key(0)), kind="denoiser", config={"spec": to_dict(TINY_EDM)})
+    return path
+
+
+def _check_outputs(out_dir, method, steps):
+    state_header = checkpoint.read_header(out_dir / "last.eqx")
+    student_header = checkpoint.read_header(out_dir / "student.eqx")
+    assert state_header["kind"] == "train_state" and state_header["step"] == steps
+    assert student_header["kind"] == "denoiser" and student_header["step"] == steps
+    for header in (state_header, student_header):
+        entry = header["config"]["consistency"]
+        assert entry["method"] == method and entry["sampler"] == to_dict(SamplerConfig("consistency", steps=1))
+        assert header["config"]["spec"]["sde"]["name"] == "vp_polynomial"
+    assert (out_dir / "config.json").is_file() and (out_dir / "result.json").is_file()
+    logged = [json.loads(x)["step"] for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == steps
+
+
+def test_consistency_distill_oracle_teacher(tmp_path):
+    cd = _recipe("consistency_distill")
+    cfg = cd.Config(teacher="oracle:4", oracle_atoms=9, oracle_rotations=2, n_points=6, **_common(tmp_path))
+    result = cd.main(cfg)
+    assert result["step"] == 3
+    _check_outputs(tmp_path, "cd", 3)
+    # both files rebuild the consistency function (the train state's EMA model) and sample in 1 and 2 steps
+    for name in ("last.eqx", "student.eqx"):
+        den, spec, _ = load_denoiser(tmp_path / name)
+        assert isinstance(den, ConsistencyFunction) and isinstance(den.sde, PolynomialVPSDE) and spec == TINY_CM
+    for steps in (1, 2):
+        m = _sample(tmp_path / "last.eqx", tmp_path / f"s{steps}", steps)
+        assert m["n_molecules"] == 3 and m["nfe"] == steps
+
+
+def test_consistency_distill_real_checkpoint_resumes(tiny_teacher, tmp_path, capsys):
+    """An EDM teacher: the student is an EpsConsistencyFunction on the teacher's weights (ECT) and the continuous
+    twin of its discrete schedule; a run stopped by its budget resumes to the same end step."""
+    cd = _recipe("consistency_distill")
+    cfg = cd.Config(teacher=str(tiny_teacher), solver="euler", n_points=8, **_common(tmp_path))
+    cd.main(replace(cfg, train=replace(cfg.train, max_minutes=1e-9)))  # stops after the first step
+    assert checkpoint.read_header(tmp_path / "last.eqx")["step"] == 1
+    cd.main(replace(cfg, resume=tmp_path / "last.eqx"))
+    _check_outputs(tmp_path, "cd", 3)
+    teacher, _, _ = load_denoiser(tiny_teacher)
+    student, spec, header = load_denoiser(tmp_path / "student.eqx")
+    assert isinstance(student, EpsConsistencyFunction) and isinstance(student.sde, PolynomialVPSDE)
+    assert spec.denoiser.parametrisation == "eps_consistency" and spec.model == TINY_EDM.model
+    assert header["config"]["consistency"]["solver"] == "euler"
+    assert student.net.embedding.weight.shape == teacher.net.embedding.weight.shape
+    assert not np.array_equal(student.net.embedding.weight, teacher.net.embedding.weight)
+    with pytest.raises(ValueError, match="n_points"):
+        cd.main(replace(cfg, n_points=9, resume=tmp_path / "last.eqx"))
+    capsys.readouterr()
+    m = _sample(tmp_path / "student.eqx", tmp_path / "s", 2)
+    assert m["n_molecules"] == 3 and m["nfe"] == 2 and "note:" not in capsys.readouterr().out
+    sample = _recipe("sample")  # another sampler runs, with a note
+    ddim = SamplerConfig("ddim", steps=2)
+    sample.main(sample.GenerateConfig(tmp_path / "student.eqx", ddim, n_samples=3, batch_size=3, buckets=(),
+                                      out_dir=tmp_path / "d", novelty=False))  # fmt: skip
+    assert "consistency model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("curriculum", ["ict", "song"])
+def test_consistency_train_fixed_molecules(curriculum, tmp_path):
+    ct = _recipe("consistency_train")
+    cfg = ct.Config(
+        curriculum=curriculum, molecules="fixed:4", fixed_atoms=9, fixed_rotations=2, n_max=8, **_common(tmp_path)
+    )
+    ct.main(cfg)
+    _check_outputs(tmp_path, "ct", 3)
+    header = checkpoint.read_header(tmp_path / "last.eqx")
+    assert header["config"]["with_target"] == (curriculum == "song")
+    assert header["config"]["consistency"]["curriculum"] == curriculum
+    for steps in (1, 2):
+        m = _sample(tmp_path / "student.eqx", tmp_path / f"s{steps}", steps)
+        assert m["n_molecules"] == 3 and m["nfe"] == steps
+
+
+def test_consistency_train_qm9_and_bad_inputs(tiny_teacher, tmp_path):
+    ct = _recipe("consistency_train")
+    cfg = ct.Config(init_from=tiny_teacher, eval_samples=3, eval_steps=(1,), **_common(tmp_path))
+    result = ct.main(cfg)
+    assert 0 <= result["1_step"]["validity"] <= 1
+    student, spec, _ = load_denoiser(tmp_path / "last.eqx")
+    assert isinstance(student, EpsConsistencyFunction) and spec.sde.name == "vp_polynomial"
+    with pytest.raises(ValueError, match="curriculum"):
+        ct.main(replace(cfg, curriculum="song", resume=tmp_path / "last.eqx"))
+    with pytest.raises(ValueError, match="qm9 or fixed"):
+        ct.main(replace(cfg, init_from=None, molecules="all"))
+    with pytest.raises(ValueError, match="continuous-time"):
+        ct.main(replace(cfg, init_from=None, spec=replace(TINY_CM, sde=SDEConfig("vp_discrete"))))
+    with pytest.raises(ValueError, match="consistency student"):
+        ct.main(replace(cfg, init_from=None, spec=replace(TINY_CM, denoiser=DenoiserConfig("eps"))))
+    assert ct.main(replace(cfg, dry_run=True)) == {}
+
+
+def test_consistency_distill_bad_inputs(tmp_path):
+    cd = _recipe("consistency_distill")
+    cfg = cd.Config(teacher="oracle:4", oracle_atoms=9, **_common(tmp_path))
+    with pytest.raises(ValueError, match="oracle:<n>"):
+        cd.main(replace(cfg, teacher="oracle:many"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cd.main(replace(cfg, teacher=str(tmp_path / "missing.eqx")))
+    with pytest.raises(ValueError, match="no network to copy"):
+        cd.main(replace(cfg, init="teacher"))
+    with pytest.raises(ValueError, match="n-points"):
+        cd.main(replace(cfg, n_points=1))
+    assert cd.main(replace(cfg, dry_run=True)) == {}
