@@ -11,3 +11,21 @@ def fixture_npz():
     """The EDM reference parity fixture (see ../shared/fixtures/README.md, copied into tests/data)."""
     with np.load(os.path.join(DATA, "edm_parity_small.npz"), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def fixture_reference(fixture_npz):
+    """(denoiser, DatasetInfo, node mask) of the fixture's EDM reference model, converted by
+    tools/convert_edm_checkpoint.py (the same code path that converts a real EDM checkpoint)."""
+    import importlib.util
+    import json
+
+    import jax.numpy as jnp
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_edm_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("convert_edm_checkpoint_fixture", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    den = tool._fixture_denoiser(fixture_npz)
+    info = tool.fixture_info(json.loads(str(fixture_npz["config_json"])))
+    return den, info, jnp.asarray(fixture_npz["node_mask"][..., 0] > 0)

@@ -1,10 +1,6 @@
 """sde_mol.likelihood: EDM's variational bound term by term against the reference fixture, and the exact PF-ODE
 likelihood against the closed-form log-density of Gaussian data (where every marginal is Gaussian)."""
 
-import importlib.util
-import json
-import os
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,23 +14,10 @@ from sde_mol.molecule import Molecule, com_free_normal, normal_log_prob, project
 from sde_mol.oracle import GaussianOracle
 from sde_mol.sde import VESDE, DiscreteVPSDE, KarrasSDE, PolynomialVPSDE
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_edm_checkpoint.py")
-
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("convert_edm_checkpoint_lik", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def fixture_parts(tool, fixture_npz):
-    den = tool._fixture_denoiser(fixture_npz)
-    info = tool.fixture_info(json.loads(str(fixture_npz["config_json"])))
-    mask = jnp.asarray(fixture_npz["node_mask"][..., 0] > 0)
-    return den, info, mask
+def fixture_parts(fixture_reference):
+    return fixture_reference
 
 
 def _mols(fx, key):

@@ -2,10 +2,6 @@
 batch loss, gradients that reach only the network, and the Karras and continuous-time losses against their
 closed-form values for the exact denoiser of Gaussian data."""
 
-import importlib.util
-import json
-import os
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,18 +15,10 @@ from sde_mol.objectives.denoising import ContinuousDenoisingLoss, EDMEpsLoss, Ka
 from sde_mol.oracle import GaussianOracle
 from sde_mol.sde import VESDE, CosineVPSDE, KarrasSDE, PolynomialVPSDE
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_edm_checkpoint.py")
-
 
 @pytest.fixture(scope="module")
-def ref(fixture_npz):
-    spec = importlib.util.spec_from_file_location("convert_edm_checkpoint_obj", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    den = tool._fixture_denoiser(fixture_npz)
-    info = tool.fixture_info(json.loads(str(fixture_npz["config_json"])))
-    mask = jnp.asarray(fixture_npz["node_mask"][..., 0] > 0)
-    return den, info, mask
+def ref(fixture_reference):
+    return fixture_reference
 
 
 def _mols(fx, key):
