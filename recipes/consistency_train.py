@@ -99,6 +99,8 @@ def curriculum(cfg: Config):
     """(N(k), with a target model, target EMA rate mu(k) or None, s0, s1)."""
     d0, d1 = CURRICULUM_DEFAULTS[cfg.curriculum]
     s0, s1, k = cfg.n_min or d0, cfg.n_max or d1, cfg.train.steps
+    if not 1 <= s0 <= s1:
+        raise ValueError(f"curriculum {cfg.curriculum}: need 1 <= --n-min <= --n-max, got {s0} and {s1}")
     if cfg.curriculum == "ict":
         return eqx.Partial(schedules.ict_n, total_steps=k, s0=s0, s1=s1), False, None, s0, s1
     mu = partial(schedules.song_ct_mu, total_steps=k, s0=s0, s1=s1, mu0=cfg.mu0)

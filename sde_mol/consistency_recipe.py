@@ -50,8 +50,15 @@ from .molecule import Molecule
 from .oracle import OracleDenoiser, rotation_augmented
 from .samplers import sample_molecules
 from .sde import AbstractSDE, DiscreteVPSDE
-from .train import compute_dtype_from, count_params, host_batches, init_state, make_step, run_loop
-from .train import to_device as batch_to_device
+from .train import (
+    compute_dtype_from,
+    count_params,
+    host_batches,
+    init_state,
+    make_step,
+    run_loop,
+    to_device as batch_to_device,
+)
 
 CONSISTENCY_PARAMETRISATIONS = ("consistency", "eps_consistency")
 
@@ -238,4 +245,3 @@ def evaluate(student: AbstractDenoiser, spec: ModelSpec, steps: int, n: int, *, 
     res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=n)
     m = metrics.evaluate(res.positions, res.atom_types, None, atom_decoder=info.atom_decoder)
     return {k: v for k, v in m.items() if v is not None}
-

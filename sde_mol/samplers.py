@@ -306,9 +306,7 @@ CT_MIDPOINT = 0.821
 """iCT's two-step midpoint (Song & Dhariwal 2023, sigma_data = 0.5): the default first re-noising level."""
 
 
-def consistency_times(
-    sde: AbstractSDE, n_steps: int, *, sigma_hi: float = CT_MIDPOINT, rho: float = 7.0
-) -> Times:
+def consistency_times(sde: AbstractSDE, n_steps: int, *, sigma_hi: float = CT_MIDPOINT, rho: float = 7.0) -> Times:
     """The default intermediate times of an n_steps consistency sampler: n_steps - 1 decreasing times whose
     scaled noise levels s = sigma / alpha are the first n_steps - 1 nodes of the Karras rho grid of n_steps - 1
     intervals from min(sigma_hi, s(t_max)) down to s(t_min). So 2 steps re-noise once to iCT's midpoint

@@ -176,6 +176,8 @@ def ict_n(step: IntScalar, total_steps: int, s0: int = 10, s1: int = 1280) -> In
     """Improved consistency training's exponential curriculum (Song & Dhariwal 2023, eq. 11):
     N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)): N doubles from
     s0 + 1 = 11 to s1 + 1 = 1281 in equal stages. iCT uses no target EMA (mu = 0)."""
+    if not 1 <= s0 <= s1:
+        raise ValueError(f"ict_n: need 1 <= s0 <= s1, got s0 = {s0}, s1 = {s1}")
     stage_len = max(int(total_steps // (np.log2(s1 // s0) + 1)), 1)
     stage = jnp.asarray(step, jnp.int32) // stage_len
     n = jnp.minimum(s0 * jnp.exp2(jnp.minimum(stage, 30).astype(jnp.float32)), float(s1))

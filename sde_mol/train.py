@@ -219,7 +219,9 @@ def make_step(
 
         def step(state: TrainState, mols: Molecule, masks, weights, key: Key):
             if state is not last[0]():  # a state of our own making never shares buffers: skip the check
-                state = _unalias(state)
+                # nor may it share them with the objective (a distillation teacher whose network the student
+                # was copied from): donating those would delete the teacher's weights
+                state = _unalias(state, _buffers(objective))
             new, aux = jitted((mols, masks, weights, key), state)
             last[0] = weakref.ref(new)
             return new, aux
@@ -234,16 +236,27 @@ def make_step(
     return step
 
 
-def _unalias(tree: PyTree) -> PyTree:
-    """Copy every array leaf whose buffer already occurred earlier in `tree`: XLA refuses to donate one buffer
-    twice, and `init_state` makes `ema_model` the same arrays as `model` (a `device_put` of both keeps them
-    sharing buffers). Host-side; it compares buffer addresses."""
-    seen = set()
+def _array_buffers(x: jax.Array) -> set:
+    return {(s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards}
+
+
+def _buffers(tree: PyTree) -> set:
+    """The device buffers of every (live) array leaf of `tree`."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, jax.Array))
+    return set().union(*(_array_buffers(x) for x in leaves if isinstance(x, jax.Array) and not x.is_deleted()))
+
+
+def _unalias(tree: PyTree, taken: set = frozenset()) -> PyTree:
+    """Copy every array leaf whose buffer already occurred earlier in `tree` or is in `taken`: XLA refuses to
+    donate one buffer twice, `init_state` makes `ema_model` the same arrays as `model` (a `device_put` of both
+    keeps them sharing buffers), and a student copied from a teacher shares the teacher's arrays. Host-side;
+    it compares buffer addresses."""
+    seen = set(taken)
 
     def fresh(x):
         if not isinstance(x, jax.Array):
             return x
-        buffers = {(s.device.id, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards}
+        buffers = _array_buffers(x)
         if buffers & seen:
             return jnp.copy(x)
         seen.update(buffers)
@@ -417,7 +430,7 @@ class Prefetch(Generic[T]):
     For the training loop: `source` yields device batches (host slicing plus the host-to-device copy), which
     are then ready when the step, dispatched asynchronously, returns control. Order is preserved, so a seeded
     run is unchanged. An exception in `source` is raised in the consumer at the item where it happened.
-    `close()` stops the thread (at the latest after the item it is producing); the thread is a daemon."""
+    `close()` stops the thread and waits for it (it finishes the item it is producing first)."""
 
     _END = object()
 
@@ -463,8 +476,18 @@ class Prefetch(Generic[T]):
             raise StopIteration
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the producer and wait for it (it finishes the item in hand, then sees the flag), dropping the
+        queued items. Waiting matters: a daemon thread still inside an XLA transfer when the interpreter shuts
+        down aborts the process (seen with jaxlib 0.10 on a multi-device CPU mesh)."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
 
 
 def prefetch(source: Iterator[T], size: int = 2) -> "Prefetch[T]":

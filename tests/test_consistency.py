@@ -36,7 +36,7 @@ from sde_mol.objectives.consistency import (
 from sde_mol.oracle import OracleDenoiser, rotation_augmented, toy_molecules
 from sde_mol.samplers import consistency_sample, consistency_solve, consistency_times
 from sde_mol.schedules import constant_n, ict_n, song_ct_n
-from sde_mol.sde import AbstractSDE, KarrasSDE, PolynomialVPSDE, VESDE
+from sde_mol.sde import VESDE, AbstractSDE, KarrasSDE, PolynomialVPSDE
 from sde_mol.terms import pf_ode_term, solver_from_name
 from sde_mol.train import init_state, make_step
 
@@ -196,9 +196,8 @@ def test_cd_teacher_step_equals_diffeqsolve_on_the_grid(solver_name):
         alpha, sigma = SDE.marginal(t_next)
         z_next = alpha * x + sigma * noise
         manual = loss.estimator(x, z_next, noise, MASK, t_next, t_cur)
-        sol = dfx.diffeqsolve(
-            term, solver, t_next, t_cur, None, z_next, args=MASK, stepsize_controller=dfx.StepTo(jnp.stack([t_next, t_cur]))
-        )
+        grid = dfx.StepTo(jnp.stack([t_next, t_cur]))
+        sol = dfx.diffeqsolve(term, solver, t_next, t_cur, None, z_next, args=MASK, stepsize_controller=grid)
         return manual, jax.tree.map(lambda a: a[-1], sol.ys), z_next
 
     for n in range(17):
@@ -237,6 +236,10 @@ def test_curriculum_changes_n_without_recompiling():
     seen = [int(aux["n_points"]) for _, aux in _run(step, state, mols, masks, weights, 6)]
     assert seen == [int(ict_n(k, 6, 2, 16)) for k in range(6)] and len(set(seen)) >= 3
     assert step.num_traces() == 1
+    # iCT's stages: N doubles from s0 + 1 to s1 + 1 in log2(s1 / s0) + 1 equal stages; s1 < s0 is refused
+    assert [int(ict_n(k, 40, 10, 80)) for k in (0, 9, 10, 20, 30, 39, 100)] == [11, 11, 21, 41, 81, 81, 81]
+    with pytest.raises(ValueError, match="s0 <= s1"):
+        ict_n(0, 10, s0=10, s1=8)
 
 
 def _run(step, state, mols, masks, weights, n):
@@ -324,7 +327,8 @@ def hit_rates(f) -> dict[int, tuple[float, np.ndarray]]:
 
 
 def _report(name, rates):
-    print(f"{name}: " + ", ".join(f"{n} step(s) {frac:.3f} within 0.1 A (per molecule {hits.tolist()})" for n, (frac, hits) in rates.items()))
+    parts = [f"{n} step(s) {frac:.3f} within 0.1 A (per molecule {hits.tolist()})" for n, (frac, hits) in rates.items()]
+    print(f"{name}: " + ", ".join(parts))
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +366,7 @@ def ct_rates():
 @pytest.mark.slow
 def test_cd_lands_on_the_oracle_in_few_steps(cd_rates):
     """4000 CD steps: the 4-step samples are within 0.1 A of one of the K molecules for >= 90 % and hit every
-    molecule; 2 and 4 steps are at least as good as 1. Measured: 1 / 2 / 4 steps ~0.1 / ~0.5 / ~0.97."""
+    molecule; 2 and 4 steps are at least as good as 1. Measured: 1 / 2 / 4 steps 0.098 / 0.342 / 0.970 (~50 s)."""
     assert cd_rates[4][0] >= 0.9 and np.all(cd_rates[4][1] > 0)
     assert cd_rates[2][0] >= cd_rates[1][0] and cd_rates[4][0] >= cd_rates[1][0]
 
@@ -370,14 +374,14 @@ def test_cd_lands_on_the_oracle_in_few_steps(cd_rates):
 @pytest.mark.slow
 def test_ct_lands_on_the_oracle_in_few_steps(ct_rates):
     """4000 CT steps: the 4-step samples are within 0.1 A of a molecule for >= 80 % and hit every molecule; more
-    steps are not worse than one. Measured: 1 / 2 / 4 steps ~0.1 / ~0.4 / ~0.9."""
+    steps are not worse than one. Measured: 1 / 2 / 4 steps 0.036 / 0.272 / 0.924 (~45 s)."""
     assert ct_rates[4][0] >= 0.8 and np.all(ct_rates[4][1] > 0)
     assert ct_rates[2][0] >= ct_rates[1][0] and ct_rates[4][0] >= ct_rates[1][0]
 
 
 ONE_STEP_GAP = (
     "one-step consistency samples of a CPU-sized MLP student are not yet within 0.1 A often enough: measured "
-    "CD ~0.1 (3000 steps; 0.5 after 20000 steps of L2 / inverse-step CD), CT ~0.1; the 4-step sampler passes "
+    "CD 0.10 (4000 steps; 0.5 after 20000 steps of L2 / inverse-step CD), CT 0.04; the 4-step sampler passes "
     "(see test_cd_lands_on_the_oracle_in_few_steps). Even regressing the MLP on the exact one-step flow map "
     "directly reaches only ~0.87-0.93 within 0.1 A in 3000 steps: the map is discontinuous where trajectories "
     "split between molecules"
@@ -396,3 +400,49 @@ def test_cd_one_step_lands_on_the_oracle(cd_rates):
 def test_ct_one_step_lands_on_the_oracle(ct_rates):
     """The issue's target: ONE-step CT samples within 0.1 A of a molecule for >= 80 %."""
     assert ct_rates[1][0] >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="an EGNN student needs far more than a CPU-test budget: measured 0.0 within 0.1 A at 1 / 2 / 4 steps "
+    "(median 1.2 A after alignment, 1.6 A untrained) after 6000 steps against 4 x 32 rotated molecules",
+    strict=False,
+)
+def test_egnn_cd_against_the_rotation_augmented_oracle():
+    """CD of an EGNN consistency function against the oracle of the K molecules under 32 fixed random rotations
+    and reflections (approximately E(3)-invariant data): samples are scored by their RMSD to the nearest of the
+    K molecules after the optimal rotation or reflection (Kabsch). Target: 4-step samples within 0.1 A for
+    >= 80 %, covering all K; more steps not worse than one."""
+    teacher = rotation_augmented(DATA, MASK, SDE, 32, key=jr.key(5), reflect=True)
+    objective = ConsistencyLoss(
+        TeacherStep(teacher, solver_from_name("heun")),
+        eqx.Partial(constant_n, n=18),
+        PseudoHuberDistance(),
+        InverseStepWeighting(),
+        LogNormalIndex(),
+    )
+    student = ConsistencyFunction(EGNN(N_FEAT, 64, 4, key=jr.key(1)), SDE, sigma_data=1.0)
+    steps, batch = 6000, 64
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.scale_by_adam(),
+        optax.scale_by_schedule(lambda c: -1e-3 * (1.0 / 300.0) ** (c / steps)),
+    )
+    state = init_state(student, optimizer, with_target=True)
+    step = make_step(objective, optimizer, ema_decay=0.0, target_decay=lambda k: 0.0, max_traces=1)
+    masks, weights = jnp.broadcast_to(MASK, (batch, CAPACITY)), jnp.ones(batch)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        rows = rng.integers(0, teacher.data.positions.shape[0], batch)
+        mols = Molecule(teacher.data.positions[rows], teacher.data.features[rows])
+        state, _ = step(state, mols, masks, weights, jr.key(7))
+    data = np.asarray(DATA.positions)[:, :M]
+    rates = {}
+    for n in (1, 2, 4):
+        samples = consistency_positions(state.model, n, SAMPLE_KEYS[:200])
+        d = np.array([[kabsch_rmsd(p - p.mean(0), x) for x in data] for p in samples])
+        near = d.min(1)
+        rates[n] = (float(np.mean(near < 0.1)), np.bincount(d.argmin(1)[near < 0.1], minlength=K))
+        print(f"EGNN CD {n} step(s): {rates[n][0]:.3f} within 0.1 A after alignment, median {np.median(near):.3f} A")
+    assert rates[4][0] >= 0.8 and np.all(rates[4][1] > 0)
+    assert rates[2][0] >= rates[1][0] and rates[4][0] >= rates[1][0]

@@ -136,7 +136,13 @@ def test_consistency_distill_real_checkpoint_resumes(tiny_teacher, tmp_path, cap
 def test_consistency_train_fixed_molecules(curriculum, tmp_path):
     ct = _recipe("consistency_train")
     cfg = ct.Config(
-        curriculum=curriculum, molecules="fixed:4", fixed_atoms=9, fixed_rotations=2, n_max=8, **_common(tmp_path)
+        curriculum=curriculum,
+        molecules="fixed:4",
+        fixed_atoms=9,
+        fixed_rotations=2,
+        n_min=2,
+        n_max=8,
+        **_common(tmp_path),
     )
     ct.main(cfg)
     _check_outputs(tmp_path, "ct", 3)
@@ -157,6 +163,8 @@ def test_consistency_train_qm9_and_bad_inputs(tiny_teacher, tmp_path):
     assert isinstance(student, EpsConsistencyFunction) and spec.sde.name == "vp_polynomial"
     with pytest.raises(ValueError, match="curriculum"):
         ct.main(replace(cfg, curriculum="song", resume=tmp_path / "last.eqx"))
+    with pytest.raises(ValueError, match="n-min"):
+        ct.main(replace(cfg, n_min=20, n_max=8))
     with pytest.raises(ValueError, match="qm9 or fixed"):
         ct.main(replace(cfg, init_from=None, molecules="all"))
     with pytest.raises(ValueError, match="continuous-time"):

@@ -138,6 +138,31 @@ def test_donated_step_equals_plain_step_and_consumes_the_state():
     assert plain.num_traces() == 1 and donated.num_traces() == 1
 
 
+class TeacherObjective(AbstractObjective):
+    """A distillation stand-in: regress the model on a teacher model held by the objective."""
+
+    teacher: ToyModel
+
+    def loss_one(self, model, mol, mask, *, key, step, target=None):
+        x = mol.features[0]
+        return jnp.sum((model.net(x) - self.teacher.net(x)) ** 2), {}
+
+
+def test_donated_step_never_deletes_a_teacher_the_student_was_copied_from():
+    """ECT-style students start as the teacher's own arrays; donating the state must not consume the teacher
+    (which the objective holds and every later trace, e.g. a new size bucket, reads again)."""
+    teacher = eqx.tree_at(lambda m: m.net.bias, _model(3), jnp.ones(4))
+    student = teacher  # same buffers
+    opt = build_optimizer(1e-2)
+    step = make_step(TeacherObjective(teacher), opt, ema_decay=0.9, donate=True)
+    state = init_state(student, opt)
+    for n in (8, 6, 8):  # a second shape re-traces the step with the teacher as a constant
+        state, aux = step(state, *_batch(n, n=n), jr.PRNGKey(0))
+    assert not teacher.net.weight.is_deleted() and float(aux["loss"]) >= 0.0
+    assert step.num_traces() == 2
+    np.testing.assert_array_equal(teacher.net.bias, jnp.ones(4))
+
+
 def test_prefetch_keeps_order_and_raises_in_consumer():
     from sde_mol.train import prefetch
 
