@@ -363,7 +363,6 @@ def ct_rates():
     return rates
 
 
-@pytest.mark.slow
 def test_cd_lands_on_the_oracle_in_few_steps(cd_rates):
     """4000 CD steps: the 4-step samples are within 0.1 A of one of the K molecules for >= 90 % and hit every
     molecule; 2 and 4 steps are at least as good as 1. Measured: 1 / 2 / 4 steps 0.098 / 0.342 / 0.970 (~50 s)."""
@@ -371,7 +370,6 @@ def test_cd_lands_on_the_oracle_in_few_steps(cd_rates):
     assert cd_rates[2][0] >= cd_rates[1][0] and cd_rates[4][0] >= cd_rates[1][0]
 
 
-@pytest.mark.slow
 def test_ct_lands_on_the_oracle_in_few_steps(ct_rates):
     """4000 CT steps: the 4-step samples are within 0.1 A of a molecule for >= 80 % and hit every molecule; more
     steps are not worse than one. Measured: 1 / 2 / 4 steps 0.036 / 0.272 / 0.924 (~45 s)."""
@@ -380,11 +378,17 @@ def test_ct_lands_on_the_oracle_in_few_steps(ct_rates):
 
 
 ONE_STEP_GAP = (
-    "one-step consistency samples of a CPU-sized MLP student are not yet within 0.1 A often enough: measured "
-    "CD 0.10 (4000 steps; 0.5 after 20000 steps of L2 / inverse-step CD), CT 0.04; the 4-step sampler passes "
-    "(see test_cd_lands_on_the_oracle_in_few_steps). Even regressing the MLP on the exact one-step flow map "
-    "directly reaches only ~0.87-0.93 within 0.1 A in 3000 steps: the map is discontinuous where trajectories "
-    "split between molecules"
+    "one-step consistency samples of a CPU-sized MLP student are not yet within 0.1 A often enough. Sweep of CD "
+    "against this oracle (one seed each, 500 samples, fraction within 0.1 A at 1 / 2 / 4 steps): this setting "
+    "(4000 steps) 0.10 / 0.35 / 0.97; Karras SDE with sigma_max 80 instead of EDM's VP (s_max 316) 0.27 / 0.22 / "
+    "0.98, with lr 6e-3 0.41 / 0.35 / 0.98, 8000 steps 0.47 / 0.58 / 0.99; uniform interval index 0.34 / 0 / 0, "
+    "lr 1e-2 0.48 / 0 / 0, log-normal index moved up (P_mean 0.5, P_std 2.5) 0.44 / 0 / 0 (the fine levels are "
+    "lost); uniform weighting 0.00 / 0 / 0; N = 10 or 13 no better; batch 512 no better; Fourier time "
+    "features (tried, not kept) 0.06 / 0.06 / 0.09. The 1-step median error sits at ~0.11 A: "
+    "the student's top noise levels are imprecise everywhere (they must become invariant to ~60 noise "
+    "directions), not only at basin boundaries; direct regression on the exact flow map reaches ~0.9 in 3000 "
+    "steps. 4 steps beat 1 in every setting that keeps the fine levels; 2 steps fell below 1 in two of them "
+    "(Karras 0.27 vs 0.22, batch 512 0.33 vs 0.12): the mid level s = 0.82 is then less precise than the top"
 )
 
 
