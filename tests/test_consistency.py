@@ -20,6 +20,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from helpers import Identity, SiLU
 
 from sde_mol.configs import SamplerConfig, build_sampler, consistency_times_of
 from sde_mol.denoisers import AbstractX0Denoiser, ConsistencyFunction, EpsConsistencyFunction
@@ -50,23 +51,13 @@ SAMPLE_KEYS = jr.split(jr.key(99), 500)
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-class _SiLU(eqx.Module):
-    def __call__(self, x):
-        return jax.nn.silu(x)
-
-
-class _Identity(eqx.Module):
-    def __call__(self, x):
-        return x
-
-
 def mlp_student(
     hidden: int, *, key, sde: AbstractSDE = SDE, sigma_data: float = 0.5, depth: int = 3
 ) -> ConsistencyFunction:
     """A consistency function on an MLP. The MLP's activations are swapped for leafless modules: the training
     step stop-gradients the whole target model, which fails on raw function leaves."""
     net = MLPNet(CAPACITY, N_FEAT, hidden, depth, key=key)
-    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (_SiLU(), _Identity()))
+    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (SiLU(), Identity()))
     return ConsistencyFunction(net, sde, sigma_data=sigma_data)
 
 

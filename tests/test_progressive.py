@@ -15,6 +15,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from helpers import Identity, SiLU
 
 from sde_mol.denoisers import AbstractX0Denoiser, KarrasDenoiser
 from sde_mol.molecule import Molecule, com_free_normal
@@ -35,21 +36,11 @@ SAMPLE_KEYS = jr.split(jr.key(99), 500)
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-class _SiLU(eqx.Module):
-    def __call__(self, x):
-        return jax.nn.silu(x)
-
-
-class _Identity(eqx.Module):
-    def __call__(self, x):
-        return x
-
-
 def mlp_student(hidden: int, *, key) -> KarrasDenoiser:
     """A Karras-preconditioned MLP student. The MLP's activations are swapped for leafless modules: the
     training step stop-gradients the whole target model, which fails on raw function leaves."""
     net = MLPNet(CAPACITY, N_FEAT, hidden, 3, key=key)
-    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (_SiLU(), _Identity()))
+    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (SiLU(), Identity()))
     return KarrasDenoiser(net, SDE, sigma_data=1.0)
 
 

@@ -1,27 +1,17 @@
 """Recipe smoke tests on tiny configs: train -> resume -> sample (PF-ODE, ancestral, DDIM) -> files + metrics."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_recipe
 
 from sde_mol import checkpoint, io
 from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, load_denoiser
 from sde_mol.train import LoopConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_recipe = load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@ teacher, a tiny real EDM checkpoint (discrete schedule -> continuous twin, ECT i
 resumed), CT on fixed molecules with both curricula, and sampling every produced checkpoint through
 recipes/sample.py with the one- and two-step consistency sampler."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import load_recipe
 
 from sde_mol import checkpoint
 from sde_mol.configs import (
@@ -29,17 +27,11 @@ from sde_mol.denoisers import ConsistencyFunction, EpsConsistencyFunction
 from sde_mol.sde import PolynomialVPSDE
 from sde_mol.train import LoopConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_EDM = ModelSpec(ModelConfig(hidden=8, n_layers=1))  # EDM's discrete schedule, eps parametrisation
 TINY_CM = ModelSpec(ModelConfig(hidden=8, n_layers=1), SDEConfig("vp_polynomial"), DenoiserConfig("consistency"))
 
 
-def _recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_recipe = load_recipe
 
 
 def _sample(checkpoint_path, out_dir, steps):

@@ -2,31 +2,23 @@
 with an oracle teacher, with a tiny real checkpoint (interrupted and resumed) and with a latent teacher;
 train_autoencoder.py; train_latent.py; sampling students and latent models through recipes/sample.py."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import load_recipe
 
 from sde_mol import checkpoint
 from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, build_denoiser, load_denoiser, to_dict
 from sde_mol.latent import AutoencoderConfig, load_autoencoder, load_latent
 from sde_mol.train import LoopConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ModelSpec(ModelConfig(hidden=8, n_layers=1))
 
 
-def _recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_recipe = load_recipe
 
 
 def _sample(checkpoint_path, out_dir, steps, eta=0.0):
