@@ -45,6 +45,7 @@ from sde_mol.configs import (
     SDEConfig,
     build_consistency_loss,
     build_denoiser,
+    continuous_teacher,
     load_denoiser,
     to_dict,
 )
@@ -114,7 +115,7 @@ def setup(cfg: Config):
     if is_latent(checkpoint.read_header(path)):
         raise ValueError(f"--teacher {path}: latent teachers are not supported by consistency distillation yet")
     teacher, teacher_spec, _ = load_denoiser(path)
-    teacher, teacher_spec = cr.continuous_teacher(teacher, teacher_spec)
+    teacher, teacher_spec = continuous_teacher(teacher, teacher_spec)
     if cfg.init == "scratch":
         spec = ModelSpec(cfg.spec.model, teacher_spec.sde, cfg.spec.denoiser, teacher_spec.dataset)
         student = build_denoiser(spec, key=jr.PRNGKey(cfg.init_seed))

@@ -45,6 +45,7 @@ from sde_mol.configs import (
     SDEConfig,
     build_consistency_loss,
     build_denoiser,
+    continuous_teacher,
     load_denoiser,
     to_dict,
 )
@@ -111,7 +112,7 @@ def setup(cfg: Config):
     """(student, its spec, host batch source)."""
     if cfg.init_from is not None:
         teacher, spec, _ = load_denoiser(cfg.init_from)
-        student, spec = cr.student_from_teacher(*cr.continuous_teacher(teacher, spec))
+        student, spec = cr.student_from_teacher(*continuous_teacher(teacher, spec))
     else:
         spec = cfg.spec
         cr.check_student_spec(spec)

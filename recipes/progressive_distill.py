@@ -13,6 +13,8 @@ Usage:
     python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --sampler ddpm --target ddpm \
         --out-dir runs/pd_ddpm              # stochastic teacher; sample with --sampler.eta 1.0
     python recipes/progressive_distill.py --teacher runs/ldm_qm9/last.eqx --out-dir runs/pd_latent
+    python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --continuous-time \
+        --teacher-steps 1024 --rounds 7 --out-dir runs/pd_1024    # 1024 -> 512 -> ... -> 8 steps
     python recipes/progressive_distill.py --teacher oracle:16 --teacher-steps 16 --rounds 2 \
         --steps-per-round 200 --spec.model.hidden 16 --spec.model.n-layers 2 --out-dir runs/pd_oracle
     python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --out-dir runs/pd_edm \
@@ -47,6 +49,7 @@ from sde_mol.configs import (
     SamplerConfig,
     build_denoiser,
     build_sampler,
+    continuous_teacher,
     dataset_info,
     load_denoiser,
     optimizer_from,
@@ -91,6 +94,12 @@ class Config:
     target: Literal["ddim", "ddpm"] = "ddim"
     """the student step the target is solved for: ddim (a deterministic student; with --sampler ddpm this is
     Lacombe & Vaidya's 'as if deterministic'), or ddpm (an ancestral student: sample it with --sampler.eta 1)"""
+    continuous_time: bool = False
+    """run the teacher (and so its student copies) on the continuous twin of a discrete schedule (EDM's
+    vp_discrete -> vp_polynomial, `configs.continuous_teacher`): any --teacher-steps then works, e.g. 1024 -> 8
+    in 7 rounds (the discrete table resolves at most its 1000 levels); the students record vp_polynomial"""
+    eval_max_steps: int | None = None
+    """with --eval-samples: score only the students of at most this many steps (None: every round)"""
     lr_decay: bool = True
     """decay the learning rate linearly to 0 within each round (Salimans & Ho)"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, ema_decay=0.0, clip="1.0"))
@@ -157,6 +166,8 @@ def checkpoint_setup(cfg: Config, path: Path):
         extra = {"latent": True, "autoencoder": header["config"]["autoencoder"]}
     else:
         (teacher, spec, _), autoencoder = load_denoiser(path), None
+    if cfg.continuous_time:
+        teacher, spec = continuous_teacher(teacher, spec)
     info = dataset_info(spec.dataset)
     train = load_qm9("train")
     if cfg.data.n_train is not None:
@@ -189,7 +200,7 @@ def main(cfg: Config) -> list[dict]:
     if isinstance(sde, DiscreteVPSDE) and cfg.teacher_steps > sde.n_timesteps:
         raise ValueError(
             f"--teacher-steps {cfg.teacher_steps}: finer than the teacher's discrete schedule of {sde.n_timesteps} "
-            "steps (its grid nodes would repeat)"
+            "steps (its grid nodes would repeat); add --continuous-time to distil on its continuous twin"
         )
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
@@ -203,7 +214,7 @@ def main(cfg: Config) -> list[dict]:
     hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full}
     if cfg.resume is not None:
         stored = checkpoint.read_header(cfg.resume)["config"].get("full", {})
-        for key in ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target"):
+        for key in ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time"):
             if stored.get(key) != hcfg["full"][key]:
                 raise ValueError(
                     f"{cfg.resume}: its {key} {stored.get(key)!r} differs from the requested {hcfg['full'][key]!r}"
@@ -273,7 +284,7 @@ def save_student(cfg: Config, r: int, schedule, den, spec, autoencoder, hcfg: di
     else:
         checkpoint.save(path, (den, autoencoder), kind="latent_denoiser", config=config, step=step)
     row = {"round": r, "student_steps": n, "checkpoint": str(path), "step": step}
-    if cfg.eval_samples:
+    if cfg.eval_samples and (cfg.eval_max_steps is None or n <= cfg.eval_max_steps):
         info = dataset_info(spec.dataset)
         fn = build_sampler(sampler, den, info.n_feat if autoencoder is None else autoencoder.latent_channels)
         fn = fn if autoencoder is None else LatentSampler(fn, autoencoder)

@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 from . import checkpoint
 from .data.qm9 import DatasetInfo, qm9_info
-from .denoisers import ConsistencyFunction, EpsConsistencyFunction, EpsDenoiser, KarrasDenoiser
+from .denoisers import AbstractDenoiser, ConsistencyFunction, EpsConsistencyFunction, EpsDenoiser, KarrasDenoiser
 from .nn.egnn import EGNN
-from .sde import AbstractSDE, build_sde
+from .sde import AbstractSDE, DiscreteVPSDE, build_sde
 from .train import build_optimizer, init_state
 
 
@@ -145,6 +147,29 @@ def continuous_sde_config(cfg: SDEConfig) -> SDEConfig:
     if cfg.name == "vp_discrete":
         return dataclasses.replace(cfg, name="vp_polynomial")
     return cfg
+
+
+def continuous_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
+    """The teacher on the continuous twin of its SDE (`continuous_sde_config`), and its spec with that SDE: the
+    network is unchanged (it receives the raw time t, on which it was trained at the table knots i / T). For
+    consistency models (sde_mol/consistency_recipe.py explains why they need it) and for grids the discrete
+    table cannot resolve (progressive distillation from 1024 steps). A `DiscreteVPSDE` teacher whose table is
+    not the twin's schedule (another table) is an error."""
+    twin_cfg = continuous_sde_config(spec.sde)
+    if twin_cfg == spec.sde:
+        return teacher, spec
+    twin = build_sde_from(twin_cfg)
+    if isinstance(teacher.sde, DiscreteVPSDE):
+        n = teacher.sde.n_timesteps
+        knots = np.arange(n, dtype=np.float32) / np.float32(n)  # the last knot carries EDM's clip; skip it
+        table = np.asarray(teacher.sde.gamma_table[:n], np.float64)
+        gap = float(np.max(np.abs(np.asarray(jax.vmap(twin.gamma)(jnp.asarray(knots)), np.float64) - table)))
+        if gap > 1e-3 * max(1.0, float(np.max(np.abs(table)))):
+            raise ValueError(
+                f"the teacher's discrete schedule differs from its continuous twin {twin_cfg.name} by {gap:.3g} in "
+                "gamma at the table knots (see sde_mol/consistency_recipe.py)"
+            )
+    return eqx.tree_at(lambda d: d.sde, teacher, twin), dataclasses.replace(spec, sde=twin_cfg)
 
 
 def build_network(cfg: ModelConfig, n_feat: int, *, key) -> EGNN:

@@ -14,7 +14,7 @@ T = 1000 table levels). The consistency grid's times (rho-spaced in sigma / alph
 the table's knots, where the lookup snaps them onto the nearest level: grid points closer than half a table
 step collapse onto one noise level, while the teacher's PF-ODE step between them (with the interpolated
 table's rates) still moves the state, so the student would be asked to be consistent across steps it cannot
-see, and every grid noise level is off the marginal it is drawn from. `continuous_teacher` therefore re-wraps
+see, and every grid noise level is off the marginal it is drawn from. `configs.continuous_teacher` therefore re-wraps
 the teacher's network with the continuous twin of its schedule (`PolynomialVPSDE` of the same power and
 precision, which equals EDM's table at every knot up to the table's float32 rounding; checked here), and the
 student lives on that SDE too. The network is unchanged: it receives the raw time t, on which it was trained at
@@ -25,7 +25,6 @@ import json
 from dataclasses import replace
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -36,7 +35,6 @@ from .configs import (
     ModelSpec,
     SamplerConfig,
     build_sampler,
-    build_sde_from,
     continuous_sde_config,
     dataset_info,
     denoiser_from,
@@ -49,7 +47,7 @@ from .denoisers import AbstractDenoiser
 from .molecule import Molecule
 from .oracle import OracleDenoiser, rotation_augmented
 from .samplers import sample_molecules
-from .sde import AbstractSDE, DiscreteVPSDE
+from .sde import AbstractSDE
 from .train import (
     compute_dtype_from,
     count_params,
@@ -116,26 +114,6 @@ def qm9_batches(data: DataConfig, *, seed: int):
 
 
 # --- teacher and student -----------------------------------------------------------------------------------
-
-
-def continuous_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
-    """The teacher on the continuous twin of its SDE (module docstring), and its spec with that SDE. A
-    `DiscreteVPSDE` teacher whose table is not the twin's schedule (another table) is an error."""
-    twin_cfg = continuous_sde_config(spec.sde)
-    if twin_cfg == spec.sde:
-        return teacher, spec
-    twin = build_sde_from(twin_cfg)
-    if isinstance(teacher.sde, DiscreteVPSDE):
-        n = teacher.sde.n_timesteps
-        knots = np.arange(n, dtype=np.float32) / np.float32(n)  # the last knot carries EDM's clip; skip it
-        table = np.asarray(teacher.sde.gamma_table[:n], np.float64)
-        gap = float(np.max(np.abs(np.asarray(jax.vmap(twin.gamma)(jnp.asarray(knots)), np.float64) - table)))
-        if gap > 1e-3 * max(1.0, float(np.max(np.abs(table)))):
-            raise ValueError(
-                f"the teacher's discrete schedule differs from its continuous twin {twin_cfg.name} by {gap:.3g} in "
-                "gamma at the table knots: CD needs a continuous-time SDE (see sde_mol/consistency_recipe.py)"
-            )
-    return eqx.tree_at(lambda d: d.sde, teacher, twin), replace(spec, sde=twin_cfg)
 
 
 def check_student_spec(spec: ModelSpec) -> None:

@@ -94,6 +94,22 @@ def test_progressive_distill_real_checkpoint(tiny_teacher, tmp_path):
     assert not np.array_equal(student.net.embedding.weight, teacher.net.embedding.weight)
 
 
+def test_progressive_distill_continuous_time_goes_past_the_discrete_table(tiny_teacher, tmp_path):
+    """--continuous-time: a 2048-step teacher on the continuous twin of EDM's 1000-level table (refused without
+    the flag, see below); the student records vp_polynomial and samples on it. --eval-max-steps skips scoring
+    the 1024-step student."""
+    pd = _recipe("progressive_distill")
+    cfg = _pd_config(
+        pd, tiny_teacher, tmp_path, rounds=1, teacher_steps=2048, continuous_time=True, eval_samples=2,
+        eval_max_steps=512,
+    )  # fmt: skip
+    rows = pd.main(cfg)
+    assert [r["student_steps"] for r in rows] == [1024] and "validity" not in rows[0]
+    student, spec, header = load_denoiser(tmp_path / "student_1024steps.eqx")
+    assert spec.sde.name == "vp_polynomial" and type(student.sde).__name__ == "PolynomialVPSDE"
+    assert header["config"]["full"]["continuous_time"] is True
+
+
 @pytest.mark.slow
 def test_progressive_distill_resumes_and_scores(tiny_teacher, tmp_path, capsys):
     pd = _recipe("progressive_distill")
@@ -125,7 +141,7 @@ def test_progressive_distill_rejects_bad_inputs(tiny_teacher, tmp_path):
         pd.main(replace(cfg, teacher="oracle:many"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pd.main(replace(cfg, teacher=str(tmp_path / "missing.eqx")))
-    with pytest.raises(ValueError, match="finer than the teacher's discrete schedule"):
+    with pytest.raises(ValueError, match="finer than the teacher's discrete schedule.*--continuous-time"):
         pd.main(replace(cfg, teacher_steps=2048))
     assert pd.main(replace(cfg, dry_run=True)) == []
 
