@@ -8,6 +8,7 @@ Usage (each ~1-4 min on a 2-core CPU):
     python tools/consistency_oracle_sweep.py --karras-sigma-max 80 --lr 6e-3 --steps 8000
     python tools/consistency_oracle_sweep.py --index uniform --weighting uniform
     python tools/consistency_oracle_sweep.py --method ct
+    python tools/consistency_oracle_sweep.py --uniform-fraction 0.3 --target-decay 0.95
 """
 
 import json
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
@@ -27,12 +30,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import test_consistency as tc  # noqa: E402  (the oracle, the student and the scoring of the tests)
 
+from sde_mol.molecule import com_free_normal  # noqa: E402
 from sde_mol.objectives import consistency as cm  # noqa: E402
 from sde_mol.oracle import OracleDenoiser  # noqa: E402
 from sde_mol.schedules import constant_n, ict_n  # noqa: E402
 from sde_mol.sde import KarrasSDE  # noqa: E402
 from sde_mol.terms import solver_from_name  # noqa: E402
 from sde_mol.train import init_state, make_step  # noqa: E402
+
+
+class MixtureIndex(cm.AbstractIndexSampler):
+    """`base`'s interval index, replaced by a uniform one with probability `fraction`."""
+
+    base: cm.AbstractIndexSampler
+    fraction: float
+
+    def __call__(self, n_points, s_min, s_max, rho, *, key):
+        k_base, k_uniform, k_pick = jr.split(key, 3)
+        n = self.base(n_points, s_min, s_max, rho, key=k_base)
+        return jnp.where(
+            jr.uniform(k_pick) < self.fraction, cm.UniformIndex()(n_points, s_min, s_max, rho, key=k_uniform), n
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,8 @@ class Config:
     hidden: int = 512
     depth: int = 4
     index: Literal["lognormal", "uniform"] = "lognormal"
+    uniform_fraction: float = 0.0
+    """with --index lognormal: draw this fraction of the intervals uniformly instead (a mixture)"""
     p_mean: float = -1.1
     p_std: float = 2.0
     weighting: Literal["inverse_step", "uniform"] = "inverse_step"
@@ -53,9 +73,14 @@ class Config:
     """the learning rate decays exponentially by this factor over the run"""
     batch: int = 128
     sigma_data: float = 1.0
+    target_decay: float = 0.0
+    """CD's target network: an EMA of the student with this rate mu (0: the stop-gradient student itself)"""
     karras_sigma_max: float | None = None
     """None: EDM's VP schedule in continuous time (PolynomialVPSDE, s_max 316); else KarrasSDE(sigma_max)"""
     seed: int = 1
+    per_level: bool = False
+    """also report, at 8 noise levels s, the student's error against the exact consistency function (the
+    oracle's PF-ODE solved by 79 heun steps from s down to s_min) on 200 noised data points"""
 
 
 def main(cfg: Config) -> dict:
@@ -63,6 +88,8 @@ def main(cfg: Config) -> dict:
         tc.SDE = KarrasSDE(sigma_max=cfg.karras_sigma_max)
         tc.ORACLE = OracleDenoiser(tc.DATA, tc.MASK, tc.SDE)
     index = cm.LogNormalIndex(cfg.p_mean, cfg.p_std) if cfg.index == "lognormal" else cm.UniformIndex()
+    if cfg.uniform_fraction > 0:
+        index = MixtureIndex(index, cfg.uniform_fraction)
     weighting = cm.InverseStepWeighting() if cfg.weighting == "inverse_step" else cm.UniformWeighting()
     distance = cm.PseudoHuberDistance() if cfg.distance == "pseudo_huber" else cm.L2Distance()
     if cfg.method == "cd":
@@ -81,7 +108,11 @@ def main(cfg: Config) -> dict:
     with_target = cfg.method == "cd"
     state = init_state(student, optimizer, with_target=with_target)
     step = make_step(
-        objective, optimizer, ema_decay=0.0, target_decay=(lambda k: 0.0) if with_target else None, max_traces=1
+        objective,
+        optimizer,
+        ema_decay=0.0,
+        target_decay=(lambda k: cfg.target_decay) if with_target else None,
+        max_traces=1,
     )
     mols, masks, weights = tc.tiled(cfg.batch)
     t0 = time.perf_counter()
@@ -98,8 +129,43 @@ def main(cfg: Config) -> dict:
             "median_A": float(np.median(d)),
             "q90_A": float(np.quantile(d, 0.9)),
         }
+    if cfg.per_level:
+        out["per_level"] = per_level_errors(state.model, estimator if cfg.method == "cd" else None)
     print(json.dumps(out), flush=True)
     return out
+
+
+def per_level_errors(f, teacher_step: cm.TeacherStep | None, n_fine: int = 80) -> list[dict]:
+    """[{s, median RMSD of f(t_s, z) to the exact flow-map end point, fraction within 0.1 A}] at fine-grid
+    levels from s_max down; z = alpha (x + s eps) for data molecules x."""
+    sde = tc.SDE
+    step = teacher_step or cm.TeacherStep(tc.ORACLE, solver_from_name("heun"))
+    grid = cm.ConsistencyLoss(step, eqx.Partial(constant_n, n=n_fine))
+    alpha_min, _ = sde.marginal(sde.t_min)
+    rows = []
+    for top in (79, 70, 60, 50, 40, 30, 20, 10):
+        t = jnp.float32(sde.t_max) if top == n_fine - 1 else grid.grid_pair(sde, top, n_fine)[2]
+        alpha, sigma = sde.marginal(t)
+
+        def exact_end(z, top=top):
+            def body(i, z):
+                _, _, t_cur, t_next = grid.grid_pair(sde, top - 1 - i, n_fine)
+                return step(z, z, z, tc.MASK, t_next, t_cur)
+
+            return jax.lax.fori_loop(0, top, body, z) / alpha_min
+
+        def error(key, t=t, alpha=alpha, sigma=sigma, exact_end=exact_end):
+            k_mol, k_noise = jr.split(key)
+            x = jax.tree.map(lambda a: a[jr.randint(k_mol, (), 0, tc.K)], tc.DATA)
+            z = alpha * x + sigma * com_free_normal(k_noise, tc.MASK, tc.N_FEAT, jnp.float32)
+            diff = (exact_end(z).positions - f(t, z, tc.MASK).positions)[: tc.M]
+            return jnp.sqrt((diff**2).sum(-1).mean())
+
+        d = np.asarray(jax.jit(jax.vmap(error))(jr.split(jr.key(3), 200)))
+        rows.append(
+            {"s": float(sigma / alpha), "median_A": float(np.median(d)), "within_0.1A": float(np.mean(d < 0.1))}
+        )
+    return rows
 
 
 if __name__ == "__main__":
