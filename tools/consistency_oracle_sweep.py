@@ -143,14 +143,14 @@ def per_level_errors(f, teacher_step: cm.TeacherStep | None, n_fine: int = 80) -
     grid = cm.ConsistencyLoss(step, eqx.Partial(constant_n, n=n_fine))
     alpha_min, _ = sde.marginal(sde.t_min)
     rows = []
-    for top in (79, 70, 60, 50, 40, 30, 20, 10):
-        t = jnp.float32(sde.t_max) if top == n_fine - 1 else grid.grid_pair(sde, top, n_fine)[2]
+    for top in (n_fine - 1, 70, 60, 50, 40, 30, 20, 10):
+        t = grid.grid_pair(sde, top - 1, n_fine)[3]  # grid node `top` (exactly t_max for the last one)
         alpha, sigma = sde.marginal(t)
 
         def exact_end(z, top=top):
             def body(i, z):
                 _, _, t_cur, t_next = grid.grid_pair(sde, top - 1 - i, n_fine)
-                return step(z, z, z, tc.MASK, t_next, t_cur)
+                return step(z, z, z, tc.MASK, t_next, t_cur)  # a teacher step reads only z_next
 
             return jax.lax.fori_loop(0, top, body, z) / alpha_min
 
