@@ -92,11 +92,29 @@ class Config:
     resume: Path | None = None
     """a last.eqx of this recipe (same teacher and settings) to continue from"""
     init_seed: int = 0
+    boundary: Path | None = None
+    """TCM stage 2 (Lee et al. 2025): a stage-1 student.eqx of this recipe; the student starts from its network,
+    trains only above --truncation-sigma (needs --loss.index uniform) and takes its targets at and below it from
+    the frozen stage-1 model; student.eqx is then the joined truncated consistency model"""
+    truncation_sigma: float | None = None
+    """with --boundary: TCM's truncation level s' (in sigma / alpha, e.g. 0.16)"""
     dry_run: bool = False
 
 
 def setup(cfg: Config):
-    """(teacher on a continuous SDE, student, its spec, host batch source)."""
+    """(teacher on a continuous SDE, student, its spec, host batch source, TCM boundary model or None)."""
+    teacher, student, spec, batches = teacher_and_student(cfg)
+    if cfg.boundary is None:
+        return teacher, student, spec, batches, None
+    if cfg.init != "auto":
+        raise ValueError(f"--boundary {cfg.boundary}: the student starts from the boundary's network (drop --init)")
+    boundary, boundary_spec = cr.load_boundary(cfg.boundary, cfg.truncation_sigma)
+    if boundary_spec.sde != spec.sde:
+        raise ValueError(f"--boundary {cfg.boundary}: its SDE {boundary_spec.sde} is not the teacher's {spec.sde}")
+    return teacher, boundary, boundary_spec, batches, boundary
+
+
+def teacher_and_student(cfg: Config):
     n = cr.parse_count(cfg.teacher, "oracle", "--teacher")
     if n is not None:
         if cfg.init == "teacher":
@@ -130,9 +148,14 @@ def main(cfg: Config) -> dict:
         return {}
     if cfg.n_points < 2 or not 0.0 <= cfg.mu <= 1.0:
         raise ValueError(f"--n-points {cfg.n_points} must be >= 2 and --mu {cfg.mu} in [0, 1]")
-    teacher, student, spec, batches = setup(cfg)
+    teacher, student, spec, batches, boundary = setup(cfg)
     estimator = TeacherStep(teacher, solver_from_name(cfg.solver))
-    objective = build_consistency_loss(cfg.loss, estimator, eqx.Partial(constant_n, n=cfg.n_points))
+    cut = None if boundary is None else cfg.truncation_sigma
+    n_points = eqx.Partial(constant_n, n=cfg.n_points)
+    objective = build_consistency_loss(cfg.loss, estimator, n_points, boundary=boundary, boundary_sigma=cut)
+    settings = {"teacher": cfg.teacher, "solver": cfg.solver, "n_points": cfg.n_points, "mu": cfg.mu}
+    if boundary is not None:
+        settings.update(boundary=str(cfg.boundary), truncation_sigma=cut)
     mu = cfg.mu
     return cr.train(
         cfg,
@@ -143,8 +166,22 @@ def main(cfg: Config) -> dict:
         batches=batches,
         with_target=True,
         target_decay=lambda step: jnp.full((), mu, jnp.float32),
-        resume_keys=("teacher", "solver", "n_points", "mu", "loss", "init", "spec", "oracle_atoms", "oracle_rotations"),
-        settings={"teacher": cfg.teacher, "solver": cfg.solver, "n_points": cfg.n_points, "mu": cfg.mu},
+        resume_keys=(
+            "teacher",
+            "solver",
+            "n_points",
+            "mu",
+            "loss",
+            "init",
+            "spec",
+            "oracle_atoms",
+            "oracle_rotations",
+            "boundary",
+            "truncation_sigma",
+        ),  # fmt: skip
+        settings=settings,
+        boundary=boundary,
+        truncation_sigma=cut,
     )
 
 

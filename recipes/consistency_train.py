@@ -93,6 +93,12 @@ class Config:
     resume: Path | None = None
     """a last.eqx of this recipe (same curriculum and settings) to continue from"""
     init_seed: int = 0
+    boundary: Path | None = None
+    """TCM stage 2 (Lee et al. 2025): a stage-1 student.eqx of this recipe; the student starts from its network,
+    trains only above --truncation-sigma (needs --loss.index uniform) and takes its targets at and below it from
+    the frozen stage-1 model; student.eqx is then the joined truncated consistency model"""
+    truncation_sigma: float | None = None
+    """with --boundary: TCM's truncation level s' (in sigma / alpha, e.g. 0.16)"""
     dry_run: bool = False
 
 
@@ -109,8 +115,14 @@ def curriculum(cfg: Config):
 
 
 def setup(cfg: Config):
-    """(student, its spec, host batch source)."""
-    if cfg.init_from is not None:
+    """(student, its spec, host batch source, TCM boundary model or None)."""
+    boundary = None
+    if cfg.boundary is not None:
+        if cfg.init_from is not None:
+            raise ValueError(f"--boundary {cfg.boundary}: the student starts from its network (no --init-from)")
+        boundary, spec = cr.load_boundary(cfg.boundary, cfg.truncation_sigma)
+        student = boundary
+    elif cfg.init_from is not None:
         teacher, spec, _ = load_denoiser(cfg.init_from)
         student, spec = cr.student_from_teacher(*continuous_teacher(teacher, spec))
     else:
@@ -127,7 +139,7 @@ def setup(cfg: Config):
         batches = cr.qm9_batches(cfg.data, seed=cfg.train.seed)
     else:
         raise ValueError(f"--molecules {cfg.molecules!r}: expected qm9 or fixed:<n>")
-    return student, spec, batches
+    return student, spec, batches, boundary
 
 
 def main(cfg: Config) -> dict:
@@ -135,8 +147,13 @@ def main(cfg: Config) -> dict:
     if cfg.dry_run:
         return {}
     n_points, with_target, mu, s0, s1 = curriculum(cfg)
-    student, spec, batches = setup(cfg)
-    objective = build_consistency_loss(cfg.loss, UnbiasedEstimator(student.sde), n_points)
+    student, spec, batches, boundary = setup(cfg)
+    cut = None if boundary is None else cfg.truncation_sigma
+    estimator = UnbiasedEstimator(student.sde)
+    objective = build_consistency_loss(cfg.loss, estimator, n_points, boundary=boundary, boundary_sigma=cut)
+    settings = {"curriculum": cfg.curriculum, "s0": s0, "s1": s1, "total_steps": cfg.train.steps}
+    if boundary is not None:
+        settings.update(boundary=str(cfg.boundary), truncation_sigma=cut)
     return cr.train(
         cfg,
         method="ct",
@@ -146,8 +163,21 @@ def main(cfg: Config) -> dict:
         batches=batches,
         with_target=with_target,
         target_decay=mu,
-        resume_keys=("curriculum", "n_min", "n_max", "mu0", "loss", "molecules", "init_from", "spec"),
-        settings={"curriculum": cfg.curriculum, "s0": s0, "s1": s1, "total_steps": cfg.train.steps},
+        resume_keys=(
+            "curriculum",
+            "n_min",
+            "n_max",
+            "mu0",
+            "loss",
+            "molecules",
+            "init_from",
+            "spec",
+            "boundary",
+            "truncation_sigma",
+        ),  # fmt: skip
+        settings=settings,
+        boundary=boundary,
+        truncation_sigma=cut,
     )
 
 

@@ -18,7 +18,14 @@ import numpy as np
 
 from . import checkpoint
 from .data.qm9 import DatasetInfo, qm9_info
-from .denoisers import AbstractDenoiser, ConsistencyFunction, EpsConsistencyFunction, EpsDenoiser, KarrasDenoiser
+from .denoisers import (
+    AbstractDenoiser,
+    ConsistencyFunction,
+    EpsConsistencyFunction,
+    EpsDenoiser,
+    KarrasDenoiser,
+    TruncatedConsistencyFunction,
+)
 from .nn.egnn import EGNN
 from .sde import AbstractSDE, DiscreteVPSDE, build_sde
 from .train import build_optimizer, init_state
@@ -59,6 +66,9 @@ class DenoiserConfig:
     eps_consistency: EpsConsistencyFunction (a consistency function on an EDM eps network, ECT-style init)"""
     sigma_data: float = 0.5
     """Karras / consistency preconditioning scale (unused by eps and eps_consistency)"""
+    truncation_sigma: float | None = None
+    """consistency parametrisations only: a truncated consistency model (TCM) of two networks of this spec,
+    joined at this noise level s' = sigma / alpha (`denoisers.TruncatedConsistencyFunction`); None: one network"""
 
 
 @dataclass(frozen=True)
@@ -205,9 +215,20 @@ def denoiser_from(cfg: DenoiserConfig, net, sde: AbstractSDE):
 
 
 def build_denoiser(spec: ModelSpec, *, key):
+    """A freshly initialised denoiser of `spec`; a truncated consistency spec gets two networks (keys split)."""
     info = dataset_info(spec.dataset)
-    net = build_network(spec.model, info.n_feat, key=key)
-    return denoiser_from(spec.denoiser, net, build_sde_from(spec.sde))
+    sde = build_sde_from(spec.sde)
+    cut = spec.denoiser.truncation_sigma
+    if cut is None:
+        return denoiser_from(spec.denoiser, build_network(spec.model, info.n_feat, key=key), sde)
+    if spec.denoiser.parametrisation not in ("consistency", "eps_consistency"):
+        raise ValueError(
+            f"truncation_sigma={cut}: a truncated model needs a consistency parametrisation, not "
+            f"{spec.denoiser.parametrisation!r}"
+        )
+    part = dataclasses.replace(spec.denoiser, truncation_sigma=None)
+    low, high = (denoiser_from(part, build_network(spec.model, info.n_feat, key=k), sde) for k in jr.split(key))
+    return TruncatedConsistencyFunction(low, high, cut)
 
 
 def denoiser_skeleton(spec: ModelSpec):
@@ -341,13 +362,22 @@ class ConsistencyLossConfig:
     """the N-point grid is rho-spaced in s = sigma / alpha"""
 
 
-def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points):
+def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points, *, boundary=None, boundary_sigma=None):
     """A `ConsistencyLoss` from its config, the estimator (`TeacherStep` for CD, `UnbiasedEstimator` for CT)
-    and the curriculum N(k) (a callable of the step, e.g. `eqx.Partial(schedules.constant_n, n=18)`)."""
+    and the curriculum N(k) (a callable of the step, e.g. `eqx.Partial(schedules.constant_n, n=18)`).
+    `boundary`, `boundary_sigma`: truncated training (TCM's stage 2) above s' = boundary_sigma with the frozen
+    stage-1 `boundary` as target at and below it; the index is then uniform over the intervals above s'."""
     from .objectives import consistency as cm
 
     distances = {"l2": cm.L2Distance, "l1": cm.L1Distance}
     distance = cm.PseudoHuberDistance(cfg.huber_c) if cfg.distance == "pseudo_huber" else distances[cfg.distance]()
     weighting = cm.InverseStepWeighting() if cfg.weighting == "inverse_step" else cm.UniformWeighting()
     index = cm.LogNormalIndex(cfg.p_mean, cfg.p_std) if cfg.index == "lognormal" else cm.UniformIndex()
-    return cm.ConsistencyLoss(estimator, n_points, distance, weighting, index, cfg.rho)
+    if boundary is not None:
+        if cfg.index != "uniform":
+            raise ValueError(
+                f"truncated training draws the interval uniformly above the truncation level {boundary_sigma}; "
+                f"pass --loss.index uniform (got {cfg.index!r})"
+            )
+        index = cm.TruncatedIndex(boundary_sigma)
+    return cm.ConsistencyLoss(estimator, n_points, distance, weighting, index, cfg.rho, boundary, boundary_sigma)

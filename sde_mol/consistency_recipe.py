@@ -9,6 +9,13 @@ student's `ModelSpec` (parametrisation "consistency" or "eps_consistency", a con
 method ("cd" / "ct"), the sampler to use (`SamplerConfig("consistency", steps=1)`; 2, 4, ... steps work as well)
 and the run's settings. `generate` reads that entry and notes a mismatching `--sampler.sampler`.
 
+Truncated consistency models (TCM; Lee et al. 2025). `--boundary <stage-1 student.eqx>` makes a run TCM's stage
+2: the student starts from the stage-1 network, trains only the intervals above `--truncation-sigma` s' (uniform
+interval index) and takes its targets at and below s' from the frozen stage-1 model (`ConsistencyLoss.boundary`).
+`student.eqx` is then the joined `TruncatedConsistencyFunction` (spec `truncation_sigma` = s': the stage-1
+network below s', the stage-2 one above); `last.eqx` holds the stage-2 network alone (resume it; sample
+`student.eqx`).
+
 Discrete teachers. EDM checkpoints use `DiscreteVPSDE`, whose marginal is piecewise constant in t (a lookup of
 T = 1000 table levels). The consistency grid's times (rho-spaced in sigma / alpha, N(k) of them) fall between
 the table's knots, where the lookup snaps them onto the nearest level: grid points closer than half a table
@@ -23,6 +30,7 @@ the knots i / T.
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -38,12 +46,13 @@ from .configs import (
     continuous_sde_config,
     dataset_info,
     denoiser_from,
+    load_denoiser,
     optimizer_from,
     to_dict,
 )
 from .data.loader import Batch, BatchIterator, encode_split
 from .data.qm9 import load_qm9
-from .denoisers import AbstractDenoiser
+from .denoisers import AbstractDenoiser, TruncatedConsistencyFunction
 from .molecule import Molecule
 from .oracle import OracleDenoiser, rotation_augmented
 from .samplers import sample_molecules
@@ -141,6 +150,31 @@ def student_from_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[Ab
     return denoiser_from(spec.denoiser, teacher.net, teacher.sde), spec
 
 
+def load_boundary(path: Path, sigma: float | None) -> tuple[AbstractDenoiser, ModelSpec]:
+    """TCM's stage-1 model from `--boundary path` for a stage-2 run truncated at `--truncation-sigma sigma`:
+    (the model, its spec). It must be a plain (not yet truncated) consistency function on a continuous SDE, and
+    s_min < sigma < s_max of that SDE."""
+    if sigma is None:
+        raise ValueError(f"--boundary {path}: give the truncation level --truncation-sigma (in sigma / alpha)")
+    if not path.is_file():
+        raise FileNotFoundError(f"--boundary {path} does not exist (a consistency checkpoint: student.eqx)")
+    boundary, spec, _ = load_denoiser(path)
+    if spec.denoiser.truncation_sigma is not None:
+        raise ValueError(
+            f"--boundary {path}: already truncated at {spec.denoiser.truncation_sigma} (a stage-2 model); give its "
+            "stage-1 model"
+        )
+    check_student_spec(spec)
+    s_min, s_max = (float(boundary.sde.scaled_sigma(t)) for t in (boundary.sde.t_min, boundary.sde.t_max))
+    if not s_min < sigma < s_max:
+        raise ValueError(f"--truncation-sigma {sigma}: must lie in ({s_min:.4g}, {s_max:.4g}), the SDE of {path}")
+    return boundary, spec
+
+
+def truncated_spec(spec: ModelSpec, sigma: float) -> ModelSpec:
+    return replace(spec, denoiser=replace(spec.denoiser, truncation_sigma=sigma))
+
+
 # --- the run -------------------------------------------------------------------------------------------------
 
 
@@ -156,12 +190,16 @@ def train(
     target_decay,
     resume_keys: tuple[str, ...],
     settings: dict,
+    boundary: AbstractDenoiser | None = None,
+    truncation_sigma: float | None = None,
 ) -> dict:
     """Train a consistency student with `train.run_loop` and write its checkpoints (module docstring).
 
     `cfg` is the recipe's Config: it must have `optim`, `train` (a LoopConfig), `data` (batch_size), `out_dir`,
     `resume`, `eval_samples` and `eval_steps`. `resume_keys`: the Config fields a resumed run must share with
-    the checkpoint's. `settings`: what the header's "consistency" entry records besides method and sampler."""
+    the checkpoint's. `settings`: what the header's "consistency" entry records besides method and sampler.
+    `boundary`, `truncation_sigma`: a TCM stage-2 run (the objective already uses them); student.eqx joins the
+    boundary and the student."""
     check_student_spec(spec)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     full = json.loads(json.dumps(to_dict(cfg), default=str))
@@ -207,10 +245,14 @@ def train(
         to_device=batch_to_device,
     )
     path = cfg.out_dir / "student.eqx"
-    checkpoint.save(path, state.ema_model, kind="denoiser", config=header, step=int(state.step))
+    final, final_header = state.ema_model, header
+    if boundary is not None:
+        final = TruncatedConsistencyFunction(boundary, state.ema_model, truncation_sigma)
+        final_header = dict(header, spec=to_dict(truncated_spec(spec, truncation_sigma)))
+    checkpoint.save(path, final, kind="denoiser", config=final_header, step=int(state.step))
     result = {"student": str(path), "step": int(state.step)}
     for n in cfg.eval_steps if cfg.eval_samples else ():
-        result[f"{n}_step"] = evaluate(state.ema_model, spec, n, cfg.eval_samples, seed=cfg.train.seed + 2)
+        result[f"{n}_step"] = evaluate(final, spec, n, cfg.eval_samples, seed=cfg.train.seed + 2)
     print(f"wrote {path} (step {int(state.step)})" + "".join(f"; {k}: {v}" for k, v in result.items() if "step_" in k))
     (cfg.out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -9,7 +9,8 @@ With z = alpha x0 + sigma eps:
 
 Consistency functions (Song et al. 2023) are denoisers too: `ConsistencyFunction` (Song's sigma_data form) and
 `EpsConsistencyFunction` (EDM's eps network, for initialising a student from an EDM checkpoint) map a state at
-time t to the end point of its probability-flow ODE trajectory, with f(t_min, z) = z / alpha(t_min) exactly.
+time t to the end point of its probability-flow ODE trajectory, with f(t_min, z) = z / alpha(t_min) exactly;
+`TruncatedConsistencyFunction` joins two of them at a noise level (truncated consistency models).
 
 Networks are any callable with the EGNN signature `net(x (n_atoms, 3), h (n_atoms, n_feat), mask (n_atoms,),
 t ()) -> (dx (n_atoms, 3), h_out (n_atoms, n_feat))` for ONE molecule; every network output is projected onto
@@ -20,6 +21,7 @@ import abc
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -197,3 +199,34 @@ class EpsConsistencyFunction(AbstractX0Denoiser):
         delta = sigma / alpha - self.sde.scaled_sigma(self.sde.t_min)
         eps = _network_output(self.net, z, mask, jnp.asarray(t, jnp.float32))
         return z / alpha - delta * eps
+
+
+TRUNCATION_RTOL = 1e-4
+"""Noise levels within this relative distance of a truncation level count as on it (grid nodes computed in
+float32 land a few ulps either side of the level they were chosen at)."""
+
+
+class TruncatedConsistencyFunction(AbstractX0Denoiser):
+    """A truncated consistency model (TCM; Lee et al. 2025): `low`, a consistency function of the whole range
+    (TCM's stage 1), at noise levels s = sigma / alpha <= `sigma` (s'), and `high`, trained only on (s', s_max]
+    with `low` as its boundary condition at s' (stage 2; `objectives.consistency.ConsistencyLoss(boundary=...)`),
+    above it. It is one consistency function: f(t_min, z) = low(t_min, z) = z / alpha(t_min) exactly, and it is
+    CoM-free and (with EGNN parts) E(3)-equivariant because both parts are. A one-step sample reads only `high`;
+    multistep samples read `low` from the first time at or below s'. Both parts live on `high.sde`."""
+
+    low: AbstractDenoiser
+    high: AbstractDenoiser
+    sigma: float
+
+    def __check_init__(self):
+        if not self.sigma > 0:
+            raise ValueError(f"TruncatedConsistencyFunction: truncation level sigma={self.sigma} must be > 0")
+
+    @property
+    def sde(self) -> AbstractSDE:
+        return self.high.sde
+
+    def __call__(self, t: Scalar, z: Molecule, mask: NodeMask) -> Molecule:
+        alpha, sigma = self.sde.marginal(t)
+        above = sigma / alpha > self.sigma * (1.0 + TRUNCATION_RTOL)
+        return jax.lax.cond(above, lambda: self.high(t, z, mask), lambda: self.low(t, z, mask))

@@ -1,11 +1,14 @@
 """Smoke tests (tiny configs, seconds) of recipes/consistency_distill.py and recipes/consistency_train.py: an oracle
 teacher, a tiny real EDM checkpoint (discrete schedule -> continuous twin, ECT initialisation, interrupted and
-resumed), CT on fixed molecules with both curricula, and sampling every produced checkpoint through
-recipes/sample.py with the one- and two-step consistency sampler."""
+resumed), CT on fixed molecules with both curricula, truncated (TCM) stage-2 runs of both recipes on a stage-1
+student, and sampling every produced checkpoint through recipes/sample.py with the one- and two-step consistency
+sampler."""
 
 import json
 from dataclasses import replace
 
+import equinox as eqx
+import jax
 import jax.random as jr
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ from sde_mol.configs import (
     load_denoiser,
     to_dict,
 )
-from sde_mol.denoisers import ConsistencyFunction, EpsConsistencyFunction
+from sde_mol.denoisers import ConsistencyFunction, EpsConsistencyFunction, TruncatedConsistencyFunction
 from sde_mol.sde import PolynomialVPSDE
 from sde_mol.train import LoopConfig
 
@@ -178,3 +181,50 @@ def test_consistency_distill_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="n-points"):
         cd.main(replace(cfg, n_points=1))
     assert cd.main(replace(cfg, dry_run=True)) == {}
+
+
+def _same_arrays(a, b) -> bool:
+    la, lb = (jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (a, b))
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def test_truncated_stage_two_of_both_recipes(tmp_path):
+    """TCM: a stage-1 CD student as --boundary of a CD and a CT stage-2 run. The stage-2 student starts from the
+    stage-1 network; student.eqx is the joined model (stage-1 network below s', the trained one above), which
+    loads back from its spec and samples in 1 and 2 steps; last.eqx holds the stage-2 network alone."""
+    cd, ct = _recipe("consistency_distill"), _recipe("consistency_train")
+    base = dict(teacher="oracle:4", oracle_atoms=9, oracle_rotations=2, n_points=6)
+    cd.main(cd.Config(**base, **_common(tmp_path / "stage1")))
+    stage1, _, _ = load_denoiser(tmp_path / "stage1" / "student.eqx")
+    fixed = dict(molecules="fixed:4", fixed_atoms=9, fixed_rotations=2, n_min=2, n_max=8)
+    runs = {
+        "cd": (cd, cd.Config(**base, boundary=tmp_path / "stage1" / "student.eqx", truncation_sigma=0.2,
+                             **_common(tmp_path / "cd2"))),
+        "ct": (ct, ct.Config(**fixed, boundary=tmp_path / "stage1" / "student.eqx", truncation_sigma=0.2,
+                             loss=replace(ct.Config().loss, index="uniform"), **_common(tmp_path / "ct2"))),
+    }  # fmt: skip
+    for method, (recipe, cfg) in runs.items():
+        recipe.main(cfg)
+        _check_outputs(cfg.out_dir, method, 3)
+        joined, spec, header = load_denoiser(cfg.out_dir / "student.eqx")
+        assert isinstance(joined, TruncatedConsistencyFunction) and joined.sigma == 0.2
+        assert spec.denoiser.truncation_sigma == 0.2 and header["config"]["consistency"]["truncation_sigma"] == 0.2
+        assert _same_arrays(joined.low, stage1) and not _same_arrays(joined.high, stage1)
+        high, plain_spec, _ = load_denoiser(cfg.out_dir / "last.eqx")
+        assert isinstance(high, ConsistencyFunction) and plain_spec.denoiser.truncation_sigma is None
+        for steps in (1, 2):
+            m = _sample(cfg.out_dir / "student.eqx", cfg.out_dir / f"s{steps}", steps)
+            assert m["n_molecules"] == 3 and m["nfe"] == steps
+    cfg = runs["cd"][1]
+    with pytest.raises(ValueError, match="truncation-sigma"):
+        cd.main(replace(cfg, truncation_sigma=None))
+    with pytest.raises(ValueError, match="must lie in"):
+        cd.main(replace(cfg, truncation_sigma=1e4))
+    with pytest.raises(ValueError, match="loss.index uniform"):
+        cd.main(replace(cfg, loss=replace(cfg.loss, index="lognormal")))
+    with pytest.raises(ValueError, match="already truncated"):
+        cd.main(replace(cfg, boundary=cfg.out_dir / "student.eqx"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cd.main(replace(cfg, boundary=tmp_path / "missing.eqx"))
+    with pytest.raises(ValueError, match="truncation_sigma"):
+        cd.main(replace(cfg, truncation_sigma=0.3, resume=cfg.out_dir / "last.eqx"))

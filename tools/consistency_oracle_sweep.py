@@ -9,6 +9,7 @@ Usage (each ~1-4 min on a 2-core CPU):
     python tools/consistency_oracle_sweep.py --index uniform --weighting uniform
     python tools/consistency_oracle_sweep.py --method ct
     python tools/consistency_oracle_sweep.py --uniform-fraction 0.3 --target-decay 0.95
+    python tools/consistency_oracle_sweep.py --stage2-steps 6000 --stage2-lr 2e-3      # + TCM's stage 2
 """
 
 import json
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import optax
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -36,7 +36,6 @@ from sde_mol.oracle import OracleDenoiser  # noqa: E402
 from sde_mol.schedules import constant_n, ict_n  # noqa: E402
 from sde_mol.sde import KarrasSDE  # noqa: E402
 from sde_mol.terms import solver_from_name  # noqa: E402
-from sde_mol.train import init_state, make_step  # noqa: E402
 
 
 class MixtureIndex(cm.AbstractIndexSampler):
@@ -78,6 +77,13 @@ class Config:
     karras_sigma_max: float | None = None
     """None: EDM's VP schedule in continuous time (PolynomialVPSDE, s_max 316); else KarrasSDE(sigma_max)"""
     seed: int = 1
+    stage2_steps: int = 0
+    """> 0: then TCM's stage 2 (Lee et al. 2025) for this many steps: a copy of the student trained on the
+    intervals above s' = 0.16 (the tests' TRUNCATION; uniform index) with the frozen stage-1 student as the
+    target at and below it; the scores are the joined `TruncatedConsistencyFunction`'s"""
+    stage2_lr: float = 1e-3
+    stage2_n_points: int | None = None
+    """CT's stage-2 N (constant; None: the last N of stage 1); CD keeps --n-points"""
     per_level: bool = False
     """also report, at 8 noise levels s, the student's error against the exact consistency function (the
     oracle's PF-ODE solved by 79 heun steps from s down to s_min) on 200 noised data points"""
@@ -101,28 +107,19 @@ def main(cfg: Config) -> dict:
         estimator, curriculum = cm.UnbiasedEstimator(tc.SDE), eqx.Partial(ict_n, total_steps=cfg.steps, s0=10, s1=160)
     objective = cm.ConsistencyLoss(estimator, curriculum, distance, weighting, index)
     student = tc.mlp_student(cfg.hidden, key=jr.key(cfg.seed), sde=tc.SDE, sigma_data=cfg.sigma_data, depth=cfg.depth)
-    optimizer = optax.chain(
-        optax.scale_by_adam(),
-        optax.scale_by_schedule(lambda c: -cfg.lr * (1.0 / cfg.lr_decay) ** (c / cfg.steps)),
-    )
     with_target = cfg.method == "cd"
-    state = init_state(student, optimizer, with_target=with_target)
-    step = make_step(
-        objective,
-        optimizer,
-        ema_decay=0.0,
-        target_decay=(lambda k: cfg.target_decay) if with_target else None,
-        max_traces=1,
-    )
-    mols, masks, weights = tc.tiled(cfg.batch)
     t0 = time.perf_counter()
-    for _ in range(cfg.steps):
-        state, aux = step(state, mols, masks, weights, jr.key(7))
-    if not np.isfinite(float(aux["loss"])):
-        raise FloatingPointError(f"loss is {float(aux['loss'])} after {cfg.steps} steps")
+    fit = dict(with_target=with_target, batch=cfg.batch, lr_decay=cfg.lr_decay)
+    target_decay = (lambda k: cfg.target_decay) if with_target else None
+    f = tc.train_student(objective, student, cfg.steps, target_decay=target_decay, lr=cfg.lr, **fit)
+    if cfg.stage2_steps > 0:
+        n_points = None
+        if cfg.method == "ct":  # constant: stage 1's last N unless given
+            n_points = eqx.Partial(constant_n, n=cfg.stage2_n_points or int(curriculum(cfg.steps - 1)))
+        f = tc.tcm_stage_two(objective, f, cfg.stage2_steps, lr=cfg.stage2_lr, n_points=n_points, **fit)
     out = {"config": asdict(cfg), "train_s": round(time.perf_counter() - t0, 1)}
     for n in (1, 2, 4):
-        d, idx = tc.nearest(tc.consistency_positions(state.model, n))
+        d, idx = tc.nearest(tc.consistency_positions(f, n))
         out[f"{n}_step"] = {
             "within_0.1A": float(np.mean(d < 0.1)),
             "hits_per_molecule": np.bincount(idx[d < 0.1], minlength=tc.K).tolist(),
@@ -130,7 +127,7 @@ def main(cfg: Config) -> dict:
             "q90_A": float(np.quantile(d, 0.9)),
         }
     if cfg.per_level:
-        out["per_level"] = per_level_errors(state.model, estimator if cfg.method == "cd" else None)
+        out["per_level"] = per_level_errors(f, estimator if cfg.method == "cd" else None)
     print(json.dumps(out), flush=True)
     return out
 

@@ -1,5 +1,6 @@
 """Consistency distillation (CD) and consistency training (CT): Song et al. (2023), Algorithms 2 and 3, with the
-improvements of Song & Dhariwal (2023, iCT) and the ECT-style initialisation of Geng et al. (2024).
+improvements of Song & Dhariwal (2023, iCT), the ECT-style initialisation of Geng et al. (2024) and the two-stage
+truncated training of Lee et al. (2025, TCM).
 
 Notation (VE view). Every SDE of sde_mol has z_t = alpha(t) x0 + sigma(t) eps, so z~ = z / alpha = x0 + s eps
 with the scaled noise level s(t) = sigma / alpha. The discretisation, the noise, the weighting and the
@@ -31,6 +32,14 @@ pseudo-Huber sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim) by default, 
 the state-space dimension of the molecule (so c scales with molecule size, as iCT's with image size).
 Weightings lambda: uniform (CM) or 1 / (s_{n+1} - s_n) (iCT).
 
+Truncated consistency models (TCM). A full-range consistency model spends most of its capacity on the
+denoising levels, and the one-step sample inherits the precision the bootstrapped targets carry up the whole
+grid. TCM's stage 2 trains a copy of the stage-1 model only on the intervals above a level s' (`TruncatedIndex`)
+and takes every target at or below s' from the frozen stage-1 model (`ConsistencyLoss.boundary`); the result,
+`denoisers.TruncatedConsistencyFunction(stage1, stage2, s')`, is a consistency function again. With the iCT
+loss the boundary interval has the largest weight 1 / (s_{n+1} - s_n), which anchors the solution (with uniform
+weighting it collapses: tests/test_consistency.py records the measurements).
+
 Atom types and charges are channels of the state (EDM's [one-hot / 4 | Z / 10]): they are noised, stepped by
 the teacher and mapped by the consistency function jointly with the positions, exactly as EDM diffuses them;
 samples are decoded as for every sampler (`samplers.decode`: argmax of the type channels, rounded charge).
@@ -47,8 +56,8 @@ import jax.random as jr
 from jax.scipy.special import ndtr, ndtri
 from jaxtyping import Array, Float, Int
 
-from ..denoisers import AbstractDenoiser
-from ..molecule import Molecule, com_free_normal, n_real, project, state_dim
+from ..denoisers import TRUNCATION_RTOL, AbstractDenoiser
+from ..molecule import Molecule, com_free_normal, project, state_dim
 from ..schedules import karras_index, karras_sigma
 from ..sde import AbstractSDE
 from ..terms import pf_ode_term, teacher_step
@@ -167,6 +176,25 @@ class LogNormalIndex(AbstractIndexSampler):
         return jnp.clip(n, 0, n_points - 2)
 
 
+def truncation_node(sigma: float, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float) -> Int[Array, ""]:
+    """n': the last node of the N-point grid at or below the truncation level sigma (a node within
+    `TRUNCATION_RTOL` above it counts), clipped to 0..N-2. Intervals n >= n' have s_{n+1} above sigma."""
+    u = karras_index(jnp.float32(sigma) * (1.0 + TRUNCATION_RTOL), n_points, s_min, s_max, rho)
+    return jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n_points - 2)
+
+
+class TruncatedIndex(AbstractIndexSampler):
+    """Truncated consistency training (TCM's stage 2, Lee et al. 2025): n ~ U{n', ..., N-2}, only the intervals
+    that start at or above the truncation node n' = `truncation_node(sigma)`; the lowest one is the boundary
+    interval, whose target the stage-1 model supplies (`ConsistencyLoss.boundary`)."""
+
+    sigma: float
+
+    def __call__(self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key) -> Int[Array, ""]:
+        lo = truncation_node(self.sigma, n_points, s_min, s_max, rho)
+        return jr.randint(key, (), lo, n_points - 1)
+
+
 # --- the estimate of the earlier point on the trajectory -------------------------------------------------
 
 
@@ -222,7 +250,14 @@ class ConsistencyLoss(AbstractObjective):
 
     `model` and `target` are consistency functions of the same SDE as the estimator (`model.sde` is used).
     `n_points(step)` is the discretisation curriculum N(k) (`schedules.constant_n`, `song_ct_n`, `ict_n`
-    wrapped in `eqx.Partial`): traced, so the compiled step serves every N."""
+    wrapped in `eqx.Partial`): traced, so the compiled step serves every N.
+
+    Truncated consistency training / distillation (TCM's stage 2; Lee et al. 2025): with `boundary` (a frozen
+    consistency function of the whole range, the stage-1 model) and `boundary_sigma` s', the target of every
+    interval n <= n' = `truncation_node(s')` is `boundary(t_n, x^_n)` instead of the target network's, so the
+    student, trained above s' (`TruncatedIndex(s')`), inherits the stage-1 model's end points at s' and spends
+    its capacity on the generation levels; sample it as `TruncatedConsistencyFunction(boundary, student, s')`.
+    """
 
     estimator: AbstractEstimator
     n_points: Curriculum
@@ -230,6 +265,14 @@ class ConsistencyLoss(AbstractObjective):
     weighting: AbstractWeighting = UniformWeighting()
     index_sampler: AbstractIndexSampler = UniformIndex()
     rho: float = 7.0
+    boundary: AbstractDenoiser | None = None
+    boundary_sigma: float | None = None
+
+    def __check_init__(self):
+        if (self.boundary is None) != (self.boundary_sigma is None):
+            raise ValueError("ConsistencyLoss: give both boundary and boundary_sigma (truncated training) or neither")
+        if self.boundary_sigma is not None and not self.boundary_sigma > 0:
+            raise ValueError(f"ConsistencyLoss: boundary_sigma={self.boundary_sigma} must be > 0")
 
     def grid_pair(self, sde: AbstractSDE, n: IntScalar, n_points: IntScalar) -> tuple[Real, Real, Real, Real]:
         """(s_n, s_{n+1}, t_n, t_{n+1}) for interval n of the N-point grid of `sde`."""
@@ -253,15 +296,16 @@ class ConsistencyLoss(AbstractObjective):
         z_next = alpha_next * mol + sigma_next * noise
         z_cur = jax.lax.stop_gradient(self.estimator(mol, z_next, noise, mask, t_next, t_cur))
         f_next = model(t_next, z_next, mask)
-        f_cur = jax.lax.stop_gradient(target(t_cur, z_cur, mask))
+        f_cur = target(t_cur, z_cur, mask)
+        if self.boundary is not None:
+            on_boundary = n <= truncation_node(self.boundary_sigma, n_points, s_min, s_max, self.rho)
+            f_low = jax.lax.stop_gradient(self.boundary)(t_cur, z_cur, mask)
+            f_cur = jax.tree.map(lambda low, f: jnp.where(on_boundary, low, f), f_low, f_cur)
+        f_cur = jax.lax.stop_gradient(f_cur)
         loss = self.weighting(s_cur, s_next) * self.distance(f_next, f_cur, mask)
         dim = state_dim(mask, mol.n_feat)
         rmse = jnp.sqrt(_sq_norm(f_next, f_cur, mask) / dim)
         return loss, {"n_points": n_points.astype(jnp.float32), "rmse": rmse, "sigma": s_next}
-
-
-def _atoms(mask: NodeMask) -> Real:  # kept for readers: the real-atom count the distances sum over
-    return n_real(mask)
 
 
 def consistency_training_target(sde: AbstractSDE, x0: Molecule, noise: Molecule, t: Scalar) -> Molecule:
