@@ -253,7 +253,8 @@ def train(
     result = {"student": str(path), "step": int(state.step)}
     for n in cfg.eval_steps if cfg.eval_samples else ():
         result[f"{n}_step"] = evaluate(final, spec, n, cfg.eval_samples, seed=cfg.train.seed + 2)
-    print(f"wrote {path} (step {int(state.step)})" + "".join(f"; {k}: {v}" for k, v in result.items() if "step_" in k))
+    scores = "".join(f"; {k}: {v}" for k, v in result.items() if k.endswith("_step"))
+    print(f"wrote {path} (step {int(state.step)}){scores}")
     (cfg.out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 

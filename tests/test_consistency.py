@@ -279,6 +279,11 @@ class FixedIndex(AbstractIndexSampler):
         return jnp.int32(self.n)
 
 
+@jax.jit
+def draw_truncated(keys, n_points, s_min, s_max):  # N is an argument: traced, one compilation for every N
+    return jax.vmap(lambda k: TruncatedIndex(0.16)(n_points, s_min, s_max, 7.0, key=k))(keys)
+
+
 def test_truncation_node_and_index():
     """n' is the last grid node at or below s' (a node itself counts, also a few ulps below it); the truncated
     index draws every interval from n' up and none below, for a traced N."""
@@ -288,11 +293,11 @@ def test_truncation_node_and_index():
         for i in (1, 3, n_points // 2):
             for level, expected in ((nodes[i], i), (nodes[i] * (1 - 1e-6), i), (0.5 * (nodes[i] + nodes[i + 1]), i)):
                 assert int(truncation_node(float(level), jnp.int32(n_points), s_min, s_max, 7.0)) == expected
-        draw = jax.jit(jax.vmap(lambda k, n=n_points: TruncatedIndex(0.16)(jnp.int32(n), s_min, s_max, 7.0, key=k)))
-        drawn = np.asarray(draw(jr.split(jr.key(0), 4000)))
+        drawn = np.asarray(draw_truncated(jr.split(jr.key(0), 4000), jnp.int32(n_points), s_min, s_max))
         lo = int(truncation_node(0.16, jnp.int32(n_points), s_min, s_max, 7.0))
         assert nodes[lo] <= 0.16 < nodes[lo + 1]
         assert set(drawn.tolist()) == set(range(lo, n_points - 1))
+    assert draw_truncated._cache_size() == 1
 
 
 def test_truncated_loss_takes_its_targets_from_the_boundary_at_and_below_the_level():
