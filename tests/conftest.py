@@ -6,6 +6,18 @@ import pytest
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after every test module. One pytest process compiles thousands of
+    programs; the XLA CPU backend keeps each one's code in its own memory mappings, and the whole default
+    suite in one process reached Linux's vm.max_map_count (65530) and crashed in a later compilation (a
+    segfault in test_recipes_distill.py, reproduced twice). Modules recompile what they use."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def fixture_npz():
     """The EDM reference parity fixture (see ../shared/fixtures/README.md, copied into tests/data)."""
