@@ -154,8 +154,6 @@ def main(cfg: Config) -> dict:
     n_points = eqx.Partial(constant_n, n=cfg.n_points)
     objective = build_consistency_loss(cfg.loss, estimator, n_points, boundary=boundary, boundary_sigma=cut)
     settings = {"teacher": cfg.teacher, "solver": cfg.solver, "n_points": cfg.n_points, "mu": cfg.mu}
-    if boundary is not None:
-        settings.update(boundary=str(cfg.boundary), truncation_sigma=cut)
     mu = cfg.mu
     return cr.train(
         cfg,
@@ -166,19 +164,7 @@ def main(cfg: Config) -> dict:
         batches=batches,
         with_target=True,
         target_decay=lambda step: jnp.full((), mu, jnp.float32),
-        resume_keys=(
-            "teacher",
-            "solver",
-            "n_points",
-            "mu",
-            "loss",
-            "init",
-            "spec",
-            "oracle_atoms",
-            "oracle_rotations",
-            "boundary",
-            "truncation_sigma",
-        ),  # fmt: skip
+        resume_keys=("teacher", "solver", "n_points", "mu", "loss", "init", "spec", "oracle_atoms", "oracle_rotations"),
         settings=settings,
         boundary=boundary,
         truncation_sigma=cut,

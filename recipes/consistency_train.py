@@ -152,8 +152,6 @@ def main(cfg: Config) -> dict:
     estimator = UnbiasedEstimator(student.sde)
     objective = build_consistency_loss(cfg.loss, estimator, n_points, boundary=boundary, boundary_sigma=cut)
     settings = {"curriculum": cfg.curriculum, "s0": s0, "s1": s1, "total_steps": cfg.train.steps}
-    if boundary is not None:
-        settings.update(boundary=str(cfg.boundary), truncation_sigma=cut)
     return cr.train(
         cfg,
         method="ct",
@@ -163,18 +161,7 @@ def main(cfg: Config) -> dict:
         batches=batches,
         with_target=with_target,
         target_decay=mu,
-        resume_keys=(
-            "curriculum",
-            "n_min",
-            "n_max",
-            "mu0",
-            "loss",
-            "molecules",
-            "init_from",
-            "spec",
-            "boundary",
-            "truncation_sigma",
-        ),  # fmt: skip
+        resume_keys=("curriculum", "n_min", "n_max", "mu0", "loss", "molecules", "init_from", "spec"),
         settings=settings,
         boundary=boundary,
         truncation_sigma=cut,

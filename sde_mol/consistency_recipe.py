@@ -198,9 +198,12 @@ def train(
     `cfg` is the recipe's Config: it must have `optim`, `train` (a LoopConfig), `data` (batch_size), `out_dir`,
     `resume`, `eval_samples` and `eval_steps`. `resume_keys`: the Config fields a resumed run must share with
     the checkpoint's. `settings`: what the header's "consistency" entry records besides method and sampler.
-    `boundary`, `truncation_sigma`: a TCM stage-2 run (the objective already uses them); student.eqx joins the
-    boundary and the student."""
+    `boundary`, `truncation_sigma`: a TCM stage-2 run (the objective already uses them; `cfg.boundary` and
+    `cfg.truncation_sigma` join the resume keys and settings); student.eqx joins the boundary and the student."""
     check_student_spec(spec)
+    resume_keys = (*resume_keys, "boundary", "truncation_sigma")  # cfg fields of both recipes
+    if boundary is not None:
+        settings = dict(settings, boundary=str(cfg.boundary), truncation_sigma=truncation_sigma)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     full = json.loads(json.dumps(to_dict(cfg), default=str))
     (cfg.out_dir / "config.json").write_text(json.dumps(full, indent=2))
