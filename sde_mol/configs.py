@@ -360,13 +360,17 @@ class ConsistencyLossConfig:
     """lognormal index: std of log s (iCT)"""
     rho: float = 7.0
     """the N-point grid is rho-spaced in s = sigma / alpha"""
+    boundary_fraction: float | None = None
+    """truncated training (--boundary): the share of draws on the boundary interval (TCM's boundary term, the
+    same at every N); None: uniform over the intervals above s', 1 / (their count) each"""
 
 
 def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points, *, boundary=None, boundary_sigma=None):
     """A `ConsistencyLoss` from its config, the estimator (`TeacherStep` for CD, `UnbiasedEstimator` for CT)
     and the curriculum N(k) (a callable of the step, e.g. `eqx.Partial(schedules.constant_n, n=18)`).
     `boundary`, `boundary_sigma`: truncated training (TCM's stage 2) above s' = boundary_sigma with the frozen
-    stage-1 `boundary` as target at and below it; the index is then uniform over the intervals above s'."""
+    stage-1 `boundary` as target at and below it; the index is then uniform over the intervals above s', with
+    `cfg.boundary_fraction` of the draws on the boundary interval when given."""
     from .objectives import consistency as cm
 
     distances = {"l2": cm.L2Distance, "l1": cm.L1Distance}
@@ -379,5 +383,10 @@ def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points, *, b
                 f"truncated training draws the interval uniformly above the truncation level {boundary_sigma}; "
                 f"pass --loss.index uniform (got {cfg.index!r})"
             )
-        index = cm.TruncatedIndex(boundary_sigma)
+        index = cm.TruncatedIndex(boundary_sigma, cfg.boundary_fraction)
+    elif cfg.boundary_fraction is not None:
+        raise ValueError(
+            f"--loss.boundary-fraction {cfg.boundary_fraction} applies to truncated training only: pass --boundary "
+            "(a stage-1 student) and --truncation-sigma, or drop it"
+        )
     return cm.ConsistencyLoss(estimator, n_points, distance, weighting, index, cfg.rho, boundary, boundary_sigma)

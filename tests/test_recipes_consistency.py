@@ -191,17 +191,22 @@ def _same_arrays(a, b) -> bool:
 def test_truncated_stage_two_of_both_recipes(tmp_path):
     """TCM: a stage-1 CD student as --boundary of a CD and a CT stage-2 run. The stage-2 student starts from the
     stage-1 network; student.eqx is the joined model (stage-1 network below s', the trained one above), which
-    loads back from its spec and samples in 1 and 2 steps; last.eqx holds the stage-2 network alone."""
+    loads back from its spec and samples in 1 and 2 steps; last.eqx holds the stage-2 network alone (the CT run
+    with a fixed boundary share, --loss.boundary-fraction, which a run without --boundary refuses)."""
     cd, ct = _recipe("consistency_distill"), _recipe("consistency_train")
     base = dict(teacher="oracle:4", oracle_atoms=9, oracle_rotations=2, n_points=6)
-    cd.main(cd.Config(**base, **_common(tmp_path / "stage1")))
+    first = cd.Config(**base, **_common(tmp_path / "stage1"))
+    with pytest.raises(ValueError, match="boundary-fraction 0.2 applies to truncated training only"):
+        cd.main(replace(first, loss=replace(first.loss, boundary_fraction=0.2)))
+    cd.main(first)
     stage1, _, _ = load_denoiser(tmp_path / "stage1" / "student.eqx")
     fixed = dict(molecules="fixed:4", fixed_atoms=9, fixed_rotations=2, n_min=2, n_max=8)
     runs = {
         "cd": (cd, cd.Config(**base, boundary=tmp_path / "stage1" / "student.eqx", truncation_sigma=0.2,
                              **_common(tmp_path / "cd2"))),
         "ct": (ct, ct.Config(**fixed, boundary=tmp_path / "stage1" / "student.eqx", truncation_sigma=0.2,
-                             loss=replace(ct.Config().loss, index="uniform"), **_common(tmp_path / "ct2"))),
+                             loss=replace(ct.Config().loss, index="uniform", boundary_fraction=0.25),
+                             **_common(tmp_path / "ct2"))),
     }  # fmt: skip
     for method, (recipe, cfg) in runs.items():
         recipe.main(cfg)

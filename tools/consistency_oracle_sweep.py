@@ -10,6 +10,14 @@ Usage (each ~1-4 min on a 2-core CPU):
     python tools/consistency_oracle_sweep.py --method ct
     python tools/consistency_oracle_sweep.py --uniform-fraction 0.3 --target-decay 0.95
     python tools/consistency_oracle_sweep.py --stage2-steps 6000 --stage2-lr 2e-3      # + TCM's stage 2
+    python tools/consistency_oracle_sweep.py --method ct --stage2-steps 12000 --stage2-lr 3e-3 \
+        --stage2-boundary-fraction 0.25                                                # CT, N = 161
+    python tools/consistency_oracle_sweep.py --method exact                            # the student's ceiling
+
+`--method exact` is no consistency objective but the yardstick for one: the same student, optimizer, distance
+and budget, regressed at t_max directly on the exact one-step map (the oracle's PF-ODE from the prior noise by
+the --n-points heun steps CD's teacher takes, whose end points all lie within 0.1 A of a molecule), fresh noise
+every step. Its one-step rate is what this student and budget can reach when no target is bootstrapped.
 """
 
 import json
@@ -24,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -54,7 +63,8 @@ class MixtureIndex(cm.AbstractIndexSampler):
 
 @dataclass(frozen=True)
 class Config:
-    method: Literal["cd", "ct"] = "cd"
+    method: Literal["cd", "ct", "exact"] = "cd"
+    """cd, ct (iCT), or exact: regression on the exact one-step map at t_max (the module docstring)"""
     steps: int = 4000
     hidden: int = 512
     depth: int = 4
@@ -84,6 +94,9 @@ class Config:
     stage2_lr: float = 1e-3
     stage2_n_points: int | None = None
     """CT's stage-2 N (constant; None: the last N of stage 1); CD keeps --n-points"""
+    stage2_boundary_fraction: float | None = None
+    """the share of stage-2 draws on the boundary interval (TCM's boundary term); None: uniform over the
+    intervals above s'"""
     per_level: bool = False
     """also report, at 8 noise levels s, the student's error against the exact consistency function (the
     oracle's PF-ODE solved by 79 heun steps from s down to s_min) on 200 noised data points"""
@@ -98,6 +111,8 @@ def main(cfg: Config) -> dict:
         index = MixtureIndex(index, cfg.uniform_fraction)
     weighting = cm.InverseStepWeighting() if cfg.weighting == "inverse_step" else cm.UniformWeighting()
     distance = cm.PseudoHuberDistance() if cfg.distance == "pseudo_huber" else cm.L2Distance()
+    if cfg.method == "exact":
+        return exact_regression(cfg, distance)
     if cfg.method == "cd":
         estimator, curriculum = (
             cm.TeacherStep(tc.ORACLE, solver_from_name("heun")),
@@ -116,9 +131,20 @@ def main(cfg: Config) -> dict:
         n_points = None
         if cfg.method == "ct":  # constant: stage 1's last N unless given
             n_points = eqx.Partial(constant_n, n=cfg.stage2_n_points or int(curriculum(cfg.steps - 1)))
-        f = tc.tcm_stage_two(objective, f, cfg.stage2_steps, lr=cfg.stage2_lr, n_points=n_points, **fit)
-    out = {"config": asdict(cfg), "train_s": round(time.perf_counter() - t0, 1)}
-    for n in (1, 2, 4):
+        f = tc.tcm_stage_two(
+            objective, f, cfg.stage2_steps, lr=cfg.stage2_lr, n_points=n_points,
+            boundary_fraction=cfg.stage2_boundary_fraction, **fit,
+        )  # fmt: skip
+    out = {"config": asdict(cfg), "train_s": round(time.perf_counter() - t0, 1)} | scores(f, (1, 2, 4))
+    if cfg.per_level:
+        out["per_level"] = per_level_errors(f, estimator if cfg.method == "cd" else None)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def scores(f, steps) -> dict:
+    out = {}
+    for n in steps:
         d, idx = tc.nearest(tc.consistency_positions(f, n))
         out[f"{n}_step"] = {
             "within_0.1A": float(np.mean(d < 0.1)),
@@ -126,8 +152,48 @@ def main(cfg: Config) -> dict:
             "median_A": float(np.median(d)),
             "q90_A": float(np.quantile(d, 0.9)),
         }
-    if cfg.per_level:
-        out["per_level"] = per_level_errors(f, estimator if cfg.method == "cd" else None)
+    return out
+
+
+def exact_regression(cfg: Config, distance: cm.AbstractDistance) -> dict:
+    """--method exact: `cfg.steps` Adam steps (the tests' schedule) of the student at t_max on the exact
+    one-step map of fresh prior draws; prints and returns the one-step scores (JSON)."""
+    sde, mask = tc.SDE, tc.MASK
+    step = cm.TeacherStep(tc.ORACLE, solver_from_name("heun"))
+    grid = cm.ConsistencyLoss(step, eqx.Partial(constant_n, n=cfg.n_points))
+    alpha_min, _ = sde.marginal(sde.t_min)
+
+    def exact_end(z):
+        def body(i, z):
+            _, _, t_cur, t_next = grid.grid_pair(sde, cfg.n_points - 2 - i, cfg.n_points)
+            return step(z, z, z, mask, t_next, t_cur)  # a teacher step reads only z_next
+
+        return jax.lax.fori_loop(0, cfg.n_points - 1, body, z) / alpha_min
+
+    student = tc.mlp_student(cfg.hidden, key=jr.key(cfg.seed), sde=sde, sigma_data=cfg.sigma_data, depth=cfg.depth)
+    decay = (1.0 / cfg.lr_decay) ** (1.0 / cfg.steps)
+    optimizer = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda c: -cfg.lr * decay**c))
+
+    @eqx.filter_jit
+    def update(f, opt_state, key):
+        z = jax.vmap(lambda k: sde.prior(mask, tc.N_FEAT, key=k))(jr.split(key, cfg.batch))
+        target = jax.vmap(exact_end)(z)
+
+        def loss(f):
+            out = jax.vmap(lambda z: f(sde.t_max, z, mask))(z)
+            return jnp.mean(jax.vmap(lambda a, b: distance(a, b, mask))(out, target))
+
+        value, grads = eqx.filter_value_and_grad(loss)(f)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return eqx.apply_updates(f, updates), opt_state, value
+
+    f, opt_state = student, optimizer.init(eqx.filter(student, eqx.is_array))
+    t0 = time.perf_counter()
+    for key in jr.split(jr.key(cfg.seed + 100), cfg.steps):
+        f, opt_state, value = update(f, opt_state, key)
+    if not np.isfinite(float(value)):
+        raise FloatingPointError(f"exact regression: loss is {float(value)} after {cfg.steps} steps")
+    out = {"config": asdict(cfg), "train_s": round(time.perf_counter() - t0, 1)} | scores(f, (1,))
     print(json.dumps(out), flush=True)
     return out
 

@@ -184,15 +184,27 @@ def truncation_node(sigma: float, n_points: Int[Array, ""], s_min: Real, s_max: 
 
 
 class TruncatedIndex(AbstractIndexSampler):
-    """Truncated consistency training (TCM's stage 2, Lee et al. 2025): n ~ U{n', ..., N-2}, only the intervals
-    that start at or above the truncation node n' = `truncation_node(sigma)`; the lowest one is the boundary
-    interval, whose target the stage-1 model supplies (`ConsistencyLoss.boundary`)."""
+    """Truncated consistency training (TCM's stage 2, Lee et al. 2025): only the intervals that start at or
+    above the truncation node n' = `truncation_node(sigma)`; the lowest one, n', is the boundary interval, whose
+    target the stage-1 model supplies (`ConsistencyLoss.boundary`). `boundary_fraction` None: n ~ U{n', ...,
+    N-2}, so the boundary gets 1 / (N - 1 - n') of the draws, fewer the finer the grid; p in (0, 1): n = n' with
+    probability p, else n ~ U{n' + 1, ..., N-2} (TCM's separate boundary term, a fixed share at every N)."""
 
     sigma: float
+    boundary_fraction: float | None = None
+
+    def __check_init__(self):
+        p = self.boundary_fraction
+        if p is not None and not 0.0 < p < 1.0:
+            raise ValueError(f"TruncatedIndex: boundary_fraction={p} must lie in (0, 1) (or None: uniform)")
 
     def __call__(self, n_points: Int[Array, ""], s_min: Real, s_max: Real, rho: float, *, key: Key) -> Int[Array, ""]:
         lo = truncation_node(self.sigma, n_points, s_min, s_max, rho)
-        return jr.randint(key, (), lo, n_points - 1)
+        if self.boundary_fraction is None:
+            return jr.randint(key, (), lo, n_points - 1)
+        k_pick, k_above = jr.split(key)
+        above = jr.randint(k_above, (), jnp.minimum(lo + 1, n_points - 2), n_points - 1)
+        return jnp.where(jr.uniform(k_pick) < self.boundary_fraction, lo, above)
 
 
 # --- the estimate of the earlier point on the trajectory -------------------------------------------------
