@@ -528,12 +528,17 @@ def tcm_cd_rates(cd_stage1):
     return rates
 
 
+N161 = eqx.Partial(constant_n, n=161)  # CT's stage 2: constant at stage 1's last N (its curriculum would restart)
+
+
 @pytest.fixture(scope="module")
 def tcm_ct_rates(ct_stage1):
     """TCM's stage 2 on the CT student: 3000 steps from learning rate 1e-3 at stage 1's last N = 161, a quarter
     of the draws on the boundary interval (uniform draws put one in ~130 there and collapse: measured 0.0 at
     1 / 2 / 4 steps)."""
-    stage = tcm_stage_two(ct_objective(4000), ct_stage1, 3000, lr=1e-3, with_target=False, boundary_fraction=0.25)
+    stage = tcm_stage_two(
+        ct_objective(4000), ct_stage1, 3000, lr=1e-3, with_target=False, n_points=N161, boundary_fraction=0.25
+    )
     rates = hit_rates(stage)
     _report("TCM CT", rates)
     return rates
@@ -582,9 +587,10 @@ ONE_STEP_GAP = (
     "on the boundary interval (--stage2-boundary-fraction 0.25): S = 3000, L = 1e-3 0.37 / 0.47 / 0.95 (0.1: "
     "0.41 / 0.48 / 0.94; N = 641: 0.34 / 0.41 / 0.93), S = 12000, L = 3e-3 0.64 / 0.81 / 0.98 (0.1: 0.61 / 0.83 / "
     "0.97), S = 24000 (this test, ~9 CPU-min) 0.68 / 0.87 / 0.99: rising with the budget, slowly. The misses "
-    "fall mostly in two of the four basins (hits 108 / 117 / 55 / 62; the exact map splits 500 prior draws "
-    "115 / 140 / 125 / 120) "
-    "and far off (90 % quantile 0.54 A, median 0.06 A). The same student and budget regressed directly on the "
+    "fall mostly in two of the four basins (hits 108 / 117 / 55 / 62; the exact map splits the same 500 prior "
+    "draws 113 / 136 / 124 / 127) and far off (90 % quantile 0.54 A, median 0.06 A); after 12000 steps 132 of "
+    "the 181 misses start in the exact basins of molecules 2 and 3, 56 of them ending nearer another molecule "
+    "(a one-off script on these helpers). The same student and budget regressed directly on the "
     "exact one-step map reach 0.94 (`--method exact`, 4000 steps; hits 106 / 123 / 121 / 122), and CD 0.91 "
     "(test_cd_one_step_lands_on_the_oracle): what CT lacks is its estimator, x + s_n z in place of the teacher's "
     "ODE step, whose error the bootstrap carries up ~130 intervals at N = 161 (14 at N = 18, where the bias of "
@@ -605,7 +611,9 @@ def long_tcm_cd_rates():
 @pytest.fixture(scope="module")
 def long_tcm_ct_rates(ct_stage1):
     """The best one-step CT setting measured: 24000 stage-2 steps from lr 3e-3 at N = 161, boundary share 0.25."""
-    stage = tcm_stage_two(ct_objective(4000), ct_stage1, 24000, lr=3e-3, with_target=False, boundary_fraction=0.25)
+    stage = tcm_stage_two(
+        ct_objective(4000), ct_stage1, 24000, lr=3e-3, with_target=False, n_points=N161, boundary_fraction=0.25
+    )
     rates = hit_rates(stage)
     _report("TCM CT, 24000 stage-2 steps", rates)
     return rates
