@@ -361,8 +361,7 @@ class ConsistencyLossConfig:
     rho: float = 7.0
     """the N-point grid is rho-spaced in s = sigma / alpha"""
     boundary_fraction: float | None = None
-    """truncated training (--boundary): the share of draws on the boundary interval (TCM's boundary term, the
-    same at every N); None: uniform over the intervals above s', 1 / (their count) each"""
+    """with --boundary: share of draws on the boundary interval at every N (TCM); None: uniform above s'"""
 
 
 def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points, *, boundary=None, boundary_sigma=None):
