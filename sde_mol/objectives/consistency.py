@@ -38,7 +38,9 @@ grid. TCM's stage 2 trains a copy of the stage-1 model only on the intervals abo
 and takes every target at or below s' from the frozen stage-1 model (`ConsistencyLoss.boundary`); the result,
 `denoisers.TruncatedConsistencyFunction(stage1, stage2, s')`, is a consistency function again. With the iCT
 loss the boundary interval has the largest weight 1 / (s_{n+1} - s_n), which anchors the solution (with uniform
-weighting it collapses: tests/test_consistency.py records the measurements).
+weighting it collapses); on a fine grid a uniform draw reaches it too rarely and the solution collapses as well,
+so give it a fixed share of the draws (`TruncatedIndex(s', boundary_fraction)`; tests/test_consistency.py
+records the measurements).
 
 Atom types and charges are channels of the state (EDM's [one-hot / 4 | Z / 10]): they are noised, stepped by
 the teacher and mapped by the consistency function jointly with the positions, exactly as EDM diffuses them;
