@@ -155,20 +155,27 @@ def scores(f, steps) -> dict:
     return out
 
 
+def flow_end(step: cm.TeacherStep, n_points: int, top: int, z):
+    """The oracle's PF-ODE end point (at s_min, divided by alpha(t_min)) of the state z at node `top` of the
+    N-point grid: `top` teacher steps down the grid."""
+    sde = tc.SDE
+    grid = cm.ConsistencyLoss(step, eqx.Partial(constant_n, n=n_points))
+
+    def body(i, z):
+        _, _, t_cur, t_next = grid.grid_pair(sde, top - 1 - i, n_points)
+        return step(z, z, z, tc.MASK, t_next, t_cur)  # a teacher step reads only z_next
+
+    return jax.lax.fori_loop(0, top, body, z) / sde.marginal(sde.t_min)[0]
+
+
 def exact_regression(cfg: Config, distance: cm.AbstractDistance) -> dict:
     """--method exact: `cfg.steps` Adam steps (the tests' schedule) of the student at t_max on the exact
     one-step map of fresh prior draws; prints and returns the one-step scores (JSON)."""
     sde, mask = tc.SDE, tc.MASK
     step = cm.TeacherStep(tc.ORACLE, solver_from_name("heun"))
-    grid = cm.ConsistencyLoss(step, eqx.Partial(constant_n, n=cfg.n_points))
-    alpha_min, _ = sde.marginal(sde.t_min)
 
     def exact_end(z):
-        def body(i, z):
-            _, _, t_cur, t_next = grid.grid_pair(sde, cfg.n_points - 2 - i, cfg.n_points)
-            return step(z, z, z, mask, t_next, t_cur)  # a teacher step reads only z_next
-
-        return jax.lax.fori_loop(0, cfg.n_points - 1, body, z) / alpha_min
+        return flow_end(step, cfg.n_points, cfg.n_points - 1, z)
 
     student = tc.mlp_student(cfg.hidden, key=jr.key(cfg.seed), sde=sde, sigma_data=cfg.sigma_data, depth=cfg.depth)
     decay = (1.0 / cfg.lr_decay) ** (1.0 / cfg.steps)
@@ -204,18 +211,13 @@ def per_level_errors(f, teacher_step: cm.TeacherStep | None, n_fine: int = 80) -
     sde = tc.SDE
     step = teacher_step or cm.TeacherStep(tc.ORACLE, solver_from_name("heun"))
     grid = cm.ConsistencyLoss(step, eqx.Partial(constant_n, n=n_fine))
-    alpha_min, _ = sde.marginal(sde.t_min)
     rows = []
     for top in (n_fine - 1, 70, 60, 50, 40, 30, 20, 10):
         t = grid.grid_pair(sde, top - 1, n_fine)[3]  # grid node `top` (exactly t_max for the last one)
         alpha, sigma = sde.marginal(t)
 
         def exact_end(z, top=top):
-            def body(i, z):
-                _, _, t_cur, t_next = grid.grid_pair(sde, top - 1 - i, n_fine)
-                return step(z, z, z, tc.MASK, t_next, t_cur)  # a teacher step reads only z_next
-
-            return jax.lax.fori_loop(0, top, body, z) / alpha_min
+            return flow_end(step, n_fine, top, z)
 
         def error(key, t=t, alpha=alpha, sigma=sigma, exact_end=exact_end):
             k_mol, k_noise = jr.split(key)
