@@ -13,6 +13,8 @@ Usage (each ~1-4 min on a 2-core CPU):
     python tools/consistency_oracle_sweep.py --method ct --stage2-steps 12000 --stage2-lr 3e-3 \
         --stage2-boundary-fraction 0.25                                                # CT, N = 161
     python tools/consistency_oracle_sweep.py --method exact                            # the student's ceiling
+    python tools/consistency_oracle_sweep.py --stage2-steps 12000 --stage2-lr 3e-3 --ct-refine-steps 6000
+                                                                       # CT's own fixed point, from a CD start
 
 `--method exact` is no consistency objective but the yardstick for one: the same student, optimizer, distance
 and budget, regressed at t_max directly on the exact one-step map (the oracle's PF-ODE from the prior noise by
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import test_consistency as tc  # noqa: E402  (the oracle, the student and the scoring of the tests)
 
+from sde_mol.denoisers import TruncatedConsistencyFunction  # noqa: E402
 from sde_mol.molecule import com_free_normal  # noqa: E402
 from sde_mol.objectives import consistency as cm  # noqa: E402
 from sde_mol.oracle import OracleDenoiser  # noqa: E402
@@ -97,12 +100,24 @@ class Config:
     stage2_boundary_fraction: float | None = None
     """the share of stage-2 draws on the boundary interval (TCM's boundary term); None: uniform over the
     intervals above s'"""
+    ct_refine_steps: int = 0
+    """> 0 (--method cd with --stage2-steps): then this many CT steps (the unbiased estimator, the stage-1
+    boundary, a constant learning rate) on the CD stage-2 student: where CT's own fixed point lies, reached from
+    a near-exact start; the scores before it are reported as `before_ct_refine`"""
+    ct_refine_lr: float = 3e-4
+    ct_refine_n_points: int = 161
+    ct_refine_boundary_fraction: float = 0.25
+    ct_refine_distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    ct_refine_c: float | None = None
+    """the CT phase's pseudo-Huber c (None: iCT's 0.00054 sqrt(dim))"""
     per_level: bool = False
     """also report, at 8 noise levels s, the student's error against the exact consistency function (the
     oracle's PF-ODE solved by 79 heun steps from s down to s_min) on 200 noised data points"""
 
 
 def main(cfg: Config) -> dict:
+    if cfg.ct_refine_steps > 0 and (cfg.method != "cd" or cfg.stage2_steps <= 0):
+        raise ValueError("--ct-refine-steps: needs --method cd and --stage2-steps > 0 (it starts from CD's stage 2)")
     if cfg.karras_sigma_max is not None:  # the test module's helpers read these globals
         tc.SDE = KarrasSDE(sigma_max=cfg.karras_sigma_max)
         tc.ORACLE = OracleDenoiser(tc.DATA, tc.MASK, tc.SDE)
@@ -135,11 +150,34 @@ def main(cfg: Config) -> dict:
             objective, f, cfg.stage2_steps, lr=cfg.stage2_lr, n_points=n_points,
             boundary_fraction=cfg.stage2_boundary_fraction, **fit,
         )  # fmt: skip
+    before = None
+    if cfg.ct_refine_steps > 0:
+        before = scores(f, (1, 2, 4))
+        f = ct_refine(cfg, f, weighting)
     out = {"config": asdict(cfg), "train_s": round(time.perf_counter() - t0, 1)} | scores(f, (1, 2, 4))
+    if before is not None:
+        out["before_ct_refine"] = before
     if cfg.per_level:
         out["per_level"] = per_level_errors(f, estimator if cfg.method == "cd" else None)
     print(json.dumps(out), flush=True)
     return out
+
+
+def ct_refine(cfg: Config, f, weighting: cm.AbstractWeighting):
+    """--ct-refine-steps: TCM-CT stage 2 started from the CD stage-2 student `f.high`, boundary `f.low`."""
+    if cfg.ct_refine_distance == "l2":
+        distance = cm.L2Distance()
+    else:
+        distance = cm.PseudoHuberDistance(c=cfg.ct_refine_c)
+    objective = cm.ConsistencyLoss(
+        cm.UnbiasedEstimator(tc.SDE), eqx.Partial(constant_n, n=cfg.ct_refine_n_points), distance, weighting,
+        cm.TruncatedIndex(tc.TRUNCATION, cfg.ct_refine_boundary_fraction), boundary=f.low,
+        boundary_sigma=tc.TRUNCATION,
+    )  # fmt: skip
+    high = tc.train_student(
+        objective, f.high, cfg.ct_refine_steps, with_target=False, batch=cfg.batch, lr=cfg.ct_refine_lr, lr_decay=1.0
+    )
+    return TruncatedConsistencyFunction(f.low, high, tc.TRUNCATION)
 
 
 def scores(f, steps) -> dict:
