@@ -36,7 +36,7 @@ def test_edm_loss_terms_match_the_reference(fixture_npz, ref):
     objective = EDMEpsLoss(info, timesteps=1000, n_pad=int(mask.shape[1]))
     assert int(fx["loss_t_int"][0]) == 0  # molecule 0 takes the t = 0 likelihood branch
     with jax.default_matmul_precision("highest"):
-        terms = jax.vmap(lambda x, m, t, e: objective.terms(den, x, m, t, e))(
+        terms = eqx.filter_jit(jax.vmap(lambda x, m, t, e: objective.terms(den, x, m, t, e)))(
             _mols(fx, "xh_norm"), mask, jnp.asarray(fx["loss_t_int"]), _mols(fx, "loss_eps")
         )
     _close(terms["error"], fx["loss_error"])
@@ -57,8 +57,8 @@ def test_edm_padding_width_rescales_only_the_error(fixture_npz, ref):
     fx = fixture_npz
     x, e = jax.tree.map(lambda a: a[2], _mols(fx, "xh_norm")), jax.tree.map(lambda a: a[2], _mols(fx, "loss_eps"))
     t = jnp.asarray(fx["loss_t_int"][2])
-    wide = EDMEpsLoss(info, n_pad=24).terms(den, x, mask[2], t, e)
-    base = EDMEpsLoss(info).terms(den, x, mask[2], t, e)  # capacity 12
+    wide = eqx.filter_jit(EDMEpsLoss(info, n_pad=24).terms)(den, x, mask[2], t, e)
+    base = eqx.filter_jit(EDMEpsLoss(info).terms)(den, x, mask[2], t, e)  # capacity 12
     _close(wide["error"] * 2, base["error"], rtol=1e-6)
     _close(wide["kl_prior"], base["kl_prior"], rtol=1e-6)
 
@@ -69,9 +69,10 @@ def test_batch_loss_is_the_weighted_mean_of_loss_one(fixture_npz, ref):
     objective = EDMEpsLoss(info)
     key = jr.key(4)
     weights = jnp.array([1.0, 1.0, 0.0])  # a fill-in row carries no weight
-    loss, aux = objective.batch_loss(den, xs, mask, weights, key=key, step=0)
+    loss, aux = eqx.filter_jit(objective.batch_loss)(den, xs, mask, weights, key=key, step=0)
     rows = [jax.tree.map(lambda a, i=i: a[i], xs) for i in range(2)]
-    per = [objective.loss_one(den, rows[i], mask[i], key=jr.fold_in(key, i), step=0)[0] for i in range(2)]
+    one = eqx.filter_jit(objective.loss_one)
+    per = [one(den, rows[i], mask[i], key=jr.fold_in(key, i), step=0)[0] for i in range(2)]
     _close(loss, (per[0] + per[1]) / 2, rtol=1e-6)
     assert set(aux) == {"l2", "kl_prior"}
 
@@ -84,7 +85,7 @@ def test_edm_loss_gradient_reaches_only_the_network(ref, fixture_npz):
     def loss(model):
         return objective.batch_loss(model, xs, mask, jnp.ones(3), key=jr.key(0), step=0)[0]
 
-    grads = eqx.filter_grad(loss)(den)
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(den)
     assert float(jnp.max(jnp.abs(grads.sde.gamma_table))) == 0.0
     leaves = jax.tree.leaves(eqx.filter(grads.net, eqx.is_inexact_array))
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)

@@ -78,6 +78,7 @@ def test_sample_recipe(trained, tmp_path, sampler):
         sampler=SamplerConfig(sampler, steps=4),
         n_samples=3,
         batch_size=3,
+        buckets=(29,),  # one width, one compilation: bucketed sampling has its own tests (test_samplers.py)
         out_dir=tmp_path,
         format="both",
         novelty=False,
