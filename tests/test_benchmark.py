@@ -1,21 +1,15 @@
 """Smoke tests of tools/benchmark.py: it runs, prints a table and ONE JSON object, and its figures are
 consistent with themselves (no timing assertions: speed targets live in the benchmark's output only)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark")
 
 
 def _run(bench, capsys, tmp_path, **kw):

@@ -607,7 +607,16 @@ ONE_STEP_GAP = (
     "with L2 instead of pseudo-Huber (--ct-refine-distance l2) to 0.22 / 0.41 / 0.98 "
     "(the L2 fixed point averages the split targets into blurs; pseudo-Huber, near L1 at iCT's c, keeps them "
     "sharp but moves the basin edges). Per level (--per-level, S = 12000) the error enters between s = 0.49 "
-    "(0.99 within 0.1 A of the exact flow map) and s = 2.45 (0.555), where the posterior over the molecules splits"
+    "(0.99 within 0.1 A of the exact flow map) and s = 2.45 (0.555), where the posterior over the molecules splits. "
+    "Nor is it CT's variance: with its target's exact expectation over the K molecules given x_{n+1} (no target "
+    "variance; --ct-refine-target posterior) the same start settles at 0.73 / 0.92 / 0.99 (N = 161, hits 115 / 117 "
+    "/ 63 / 70), and in a one-off script with that loss (3 x 2000 steps) at 0.77 (N = 641) and 0.76 (2561) with "
+    "the same skew, with L2 at 0.45 (161) / 0.63 (641), hits balanced but blurred. tools/ct_fixed_point_1d.py "
+    "solves CT's population fixed point exactly for "
+    "three weighted points on a line (tests/test_ct_fixed_point.py): the exact ODE step keeps the data's "
+    "proportions; an absolute distance (pseudo-Huber where the targets split) lands on the points in the wrong "
+    "proportions at every N, its basin edges following the posterior majority; L2 blurs, less as N grows. A "
+    "one-step CT rate of 0.8 here needs L2's limit: N in the thousands with a low-variance target"
 )
 
 

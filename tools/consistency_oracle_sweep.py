@@ -15,6 +15,7 @@ Usage (each ~1-4 min on a 2-core CPU):
     python tools/consistency_oracle_sweep.py --method exact                            # the student's ceiling
     python tools/consistency_oracle_sweep.py --stage2-steps 12000 --stage2-lr 3e-3 --ct-refine-steps 6000
                                                                        # CT's own fixed point, from a CD start
+        [--ct-refine-target posterior]                                 # ... with CT's expected target
 
 `--method exact` is no consistency objective but the yardstick for one: the same student, optimizer, distance
 and budget, regressed at t_max directly on the exact one-step map (the oracle's PF-ODE from the prior noise by
@@ -64,6 +65,27 @@ class MixtureIndex(cm.AbstractIndexSampler):
         )
 
 
+class PosteriorCTLoss(cm.ConsistencyLoss):
+    """CT's loss in expectation over the data point given x_{n+1}. For the
+    oracle's K molecules the posterior is exact: x_{n+1} = alpha (x_k + s_{n+1} z_k) for every k with
+    z_k = (x_{n+1} / alpha - x_k) / s_{n+1}, posterior weight w_k (the oracle's), and CT's target for k is
+    f^-(alpha_n (x_k + s_n z_k)); the loss is sum_k w_k d(f(x_{n+1}), target_k). Its gradient is the mean of
+    CT's over the data points that could have made x_{n+1}: the same fixed point, no target variance. Works
+    with or without `boundary`."""
+
+    def loss_one(self, model, mol, mask, *, key, step, target=None):
+        sde = model.sde
+        target = model if target is None else target
+        n, n_points, (s_cur, s_next, t_cur, t_next), _, z_next = self.draw(sde, mol, mask, key=key, step=step)
+        (a_next, g_next), (a_cur, g_cur) = sde.marginal(t_next), sde.marginal(t_cur)
+        w = jnp.exp(tc.ORACLE.log_weights(t_next, z_next, mask))
+        z_cur = jax.vmap(lambda x0: a_cur * x0 + g_cur * ((z_next - a_next * x0) * (1.0 / g_next)))(tc.DATA)
+        f_cur = jax.vmap(lambda z: self.target_at(target, sde, n, n_points, t_cur, z, mask))(z_cur)
+        f_next = model(t_next, z_next, mask)
+        d = jax.vmap(lambda fc: self.distance(f_next, fc, mask))(f_cur)
+        return self.weighting(s_cur, s_next) * jnp.sum(w * d), {"sigma": s_next}
+
+
 @dataclass(frozen=True)
 class Config:
     method: Literal["cd", "ct", "exact"] = "cd"
@@ -110,6 +132,10 @@ class Config:
     ct_refine_distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
     ct_refine_c: float | None = None
     """the CT phase's pseudo-Huber c (None: iCT's 0.00054 sqrt(dim))"""
+    ct_refine_target: Literal["sampled", "posterior"] = "sampled"
+    """sampled: CT's estimator (x0 + s_n z, the data point and noise that made x_{n+1}); posterior: its exact
+    expectation given x_{n+1}, the loss summed over the oracle's K molecules with their posterior weights
+    (`PosteriorCTLoss`): CT with no target variance, whose fixed point is CT's population fixed point"""
     per_level: bool = False
     """also report, at 8 noise levels s, the student's error against the exact consistency function (the
     oracle's PF-ODE solved by 79 heun steps from s down to s_min) on 200 noised data points"""
@@ -169,7 +195,8 @@ def ct_refine(cfg: Config, f, weighting: cm.AbstractWeighting):
         distance = cm.L2Distance()
     else:
         distance = cm.PseudoHuberDistance(c=cfg.ct_refine_c)
-    objective = cm.ConsistencyLoss(
+    loss = cm.ConsistencyLoss if cfg.ct_refine_target == "sampled" else PosteriorCTLoss
+    objective = loss(
         cm.UnbiasedEstimator(tc.SDE), eqx.Partial(constant_n, n=cfg.ct_refine_n_points), distance, weighting,
         cm.TruncatedIndex(tc.TRUNCATION, cfg.ct_refine_boundary_fraction), boundary=f.low,
         boundary_sigma=tc.TRUNCATION,

@@ -297,25 +297,37 @@ class ConsistencyLoss(AbstractObjective):
         t_next = time_of_sigma(sde, s_next, n + 1 <= 0, n + 1 >= n_points - 1)
         return s_cur, s_next, t_cur, t_next
 
-    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
-        sde = model.sde
-        target = model if target is None else target
+    def draw(
+        self, sde: AbstractSDE, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar
+    ) -> tuple[Int[Array, ""], Int[Array, ""], tuple[Real, Real, Real, Real], Molecule, Molecule]:
+        """One draw of the loss: (n, N, (s_n, s_{n+1}, t_n, t_{n+1}), the CoM-free noise z, x_{n+1})."""
         k_index, k_noise = jr.split(key)
         n_points = jnp.asarray(self.n_points(step), jnp.int32)
         s_min, s_max = sde.scaled_sigma(sde.t_min), sde.scaled_sigma(sde.t_max)
         n = self.index_sampler(n_points, s_min, s_max, self.rho, key=k_index)
-        s_cur, s_next, t_cur, t_next = self.grid_pair(sde, n, n_points)
+        grid = self.grid_pair(sde, n, n_points)
         noise = com_free_normal(k_noise, mask, mol.n_feat, mol.positions.dtype)
-        alpha_next, sigma_next = sde.marginal(t_next)
-        z_next = alpha_next * mol + sigma_next * noise
-        z_cur = jax.lax.stop_gradient(self.estimator(mol, z_next, noise, mask, t_next, t_cur))
-        f_next = model(t_next, z_next, mask)
+        alpha_next, sigma_next = sde.marginal(grid[3])
+        return n, n_points, grid, noise, alpha_next * mol + sigma_next * noise
+
+    def target_at(self, target, sde: AbstractSDE, n, n_points, t_cur: Real, z_cur: Molecule, mask: NodeMask):
+        """The (stop-gradient) target f^-(t_n, x^_n): the target network's, or with truncated training the
+        boundary model's on the intervals n <= n'."""
         f_cur = target(t_cur, z_cur, mask)
         if self.boundary is not None:
+            s_min, s_max = sde.scaled_sigma(sde.t_min), sde.scaled_sigma(sde.t_max)
             on_boundary = n <= truncation_node(self.boundary_sigma, n_points, s_min, s_max, self.rho)
             f_low = jax.lax.stop_gradient(self.boundary)(t_cur, z_cur, mask)
             f_cur = jax.tree.map(lambda low, f: jnp.where(on_boundary, low, f), f_low, f_cur)
-        f_cur = jax.lax.stop_gradient(f_cur)
+        return jax.lax.stop_gradient(f_cur)
+
+    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+        sde = model.sde
+        target = model if target is None else target
+        n, n_points, (s_cur, s_next, t_cur, t_next), noise, z_next = self.draw(sde, mol, mask, key=key, step=step)
+        z_cur = jax.lax.stop_gradient(self.estimator(mol, z_next, noise, mask, t_next, t_cur))
+        f_next = model(t_next, z_next, mask)
+        f_cur = self.target_at(target, sde, n, n_points, t_cur, z_cur, mask)
         loss = self.weighting(s_cur, s_next) * self.distance(f_next, f_cur, mask)
         dim = state_dim(mask, mol.n_feat)
         rmse = jnp.sqrt(_sq_norm(f_next, f_cur, mask) / dim)
