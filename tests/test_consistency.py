@@ -471,6 +471,13 @@ def hit_rates(f) -> dict[int, tuple[float, np.ndarray]]:
     return out
 
 
+def balanced(hits: np.ndarray) -> bool:
+    """Every molecule has at least 0.6 of its fair share (1 / K) of the samples that land: the K molecules are
+    equally likely, and a consistency function whose basins have moved lands on them in the wrong proportions
+    while still landing (what CT's absolute-distance fixed point does: tools/ct_fixed_point_1d.py)."""
+    return bool(hits.min() >= 0.6 * hits.sum() / K)
+
+
 def _report(name, rates):
     parts = [f"{n} step(s) {frac:.3f} within 0.1 A (per molecule {hits.tolist()})" for n, (frac, hits) in rates.items()]
     print(f"{name}: " + ", ".join(parts))
@@ -552,15 +559,17 @@ def tcm_ct_rates(ct_stage1):
 
 def test_cd_lands_on_the_oracle_in_few_steps(cd_rates):
     """4000 CD steps: the 4-step samples are within 0.1 A of one of the K molecules for >= 90 % and hit every
-    molecule; 2 and 4 steps are at least as good as 1. Measured: 1 / 2 / 4 steps 0.100 / 0.350 / 0.968 (~50 s)."""
-    assert cd_rates[4][0] >= 0.9 and np.all(cd_rates[4][1] > 0)
+    molecule in about equal shares (`balanced`); 2 and 4 steps are at least as good as 1. Measured: 1 / 2 / 4
+    steps 0.100 / 0.350 / 0.968, 4-step hits 140 / 134 / 115 / 95 (~50 s)."""
+    assert cd_rates[4][0] >= 0.9 and np.all(cd_rates[4][1] > 0) and balanced(cd_rates[4][1])
     assert cd_rates[2][0] >= cd_rates[1][0] and cd_rates[4][0] >= cd_rates[1][0]
 
 
 def test_ct_lands_on_the_oracle_in_few_steps(ct_rates):
-    """4000 CT steps: the 4-step samples are within 0.1 A of a molecule for >= 80 % and hit every molecule; more
-    steps are not worse than one. Measured: 1 / 2 / 4 steps 0.038 / 0.270 / 0.922 (~45 s)."""
-    assert ct_rates[4][0] >= 0.8 and np.all(ct_rates[4][1] > 0)
+    """4000 CT steps: the 4-step samples are within 0.1 A of a molecule for >= 80 % and hit every molecule in
+    about equal shares; more steps are not worse than one. Measured: 1 / 2 / 4 steps 0.038 / 0.270 / 0.922, 4-step
+    hits 130 / 125 / 112 / 94 (~45 s)."""
+    assert ct_rates[4][0] >= 0.8 and np.all(ct_rates[4][1] > 0) and balanced(ct_rates[4][1])
     assert ct_rates[2][0] >= ct_rates[1][0] and ct_rates[4][0] >= ct_rates[1][0]
 
 
@@ -643,20 +652,20 @@ def long_tcm_ct_rates(ct_stage1):
 
 @pytest.mark.slow
 def test_cd_one_step_lands_on_the_oracle(long_tcm_cd_rates):
-    """The issue's target: ONE-step CD samples within 0.1 A of a molecule for >= 90 %, covering all K, with 2 and
-    4 steps at least as good. Measured: 1 / 2 / 4 steps 0.912 / 0.982 / 0.962 (per molecule 106 / 118 / 116 /
-    116 at one step; median 0.022 A, 90 % quantile 0.084 A)."""
+    """The issue's target: ONE-step CD samples within 0.1 A of a molecule for >= 90 %, covering all K in about
+    equal shares (`balanced`), with 2 and 4 steps at least as good. Measured: 1 / 2 / 4 steps 0.912 / 0.982 /
+    0.962 (per molecule 106 / 118 / 116 / 116 at one step; median 0.022 A, 90 % quantile 0.084 A)."""
     rates = long_tcm_cd_rates
-    assert rates[1][0] >= 0.9 and np.all(rates[1][1] > 0)
+    assert rates[1][0] >= 0.9 and np.all(rates[1][1] > 0) and balanced(rates[1][1])
     assert rates[2][0] >= rates[1][0] and rates[4][0] >= rates[1][0]
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(reason=ONE_STEP_GAP, strict=False)
 def test_ct_one_step_lands_on_the_oracle(long_tcm_ct_rates):
-    """The issue's target: ONE-step CT samples within 0.1 A of a molecule for >= 80 %."""
+    """The issue's target: ONE-step CT samples within 0.1 A of a molecule for >= 80 %, in about equal shares."""
     rates = long_tcm_ct_rates
-    assert rates[1][0] >= 0.8 and rates[2][0] >= rates[1][0] and rates[4][0] >= rates[1][0]
+    assert rates[1][0] >= 0.8 and balanced(rates[1][1]) and rates[2][0] >= rates[1][0] and rates[4][0] >= rates[1][0]
 
 
 @pytest.mark.slow
