@@ -66,12 +66,11 @@ class MixtureIndex(cm.AbstractIndexSampler):
 
 
 class PosteriorCTLoss(cm.ConsistencyLoss):
-    """CT's loss in expectation over the data point given x_{n+1}. For the
-    oracle's K molecules the posterior is exact: x_{n+1} = alpha (x_k + s_{n+1} z_k) for every k with
-    z_k = (x_{n+1} / alpha - x_k) / s_{n+1}, posterior weight w_k (the oracle's), and CT's target for k is
-    f^-(alpha_n (x_k + s_n z_k)); the loss is sum_k w_k d(f(x_{n+1}), target_k). Its gradient is the mean of
-    CT's over the data points that could have made x_{n+1}: the same fixed point, no target variance. Works
-    with or without `boundary`."""
+    """CT's loss in expectation over the data point given x_{n+1}. For the oracle's K molecules the posterior is
+    exact: x_{n+1} = alpha (x_k + s_{n+1} z_k) for every k with z_k = (x_{n+1} / alpha - x_k) / s_{n+1}, posterior
+    weight w_k (the oracle's), and CT's target for k is f^-(alpha_n (x_k + s_n z_k)); the loss is
+    sum_k w_k d(f(x_{n+1}), target_k). Its gradient is the mean of CT's over the data points that could have made
+    x_{n+1}: the same fixed point, no target variance. Works with or without `boundary`."""
 
     def loss_one(self, model, mol, mask, *, key, step, target=None):
         sde = model.sde
