@@ -626,7 +626,7 @@ ONE_STEP_GAP = (
     "three weighted points on a line (tests/test_ct_fixed_point.py): the exact ODE step keeps the data's "
     "proportions; an absolute distance (pseudo-Huber where the targets split) lands on the points in the wrong "
     "proportions at every N, its basin edges following the posterior majority; L2 blurs, less as N grows. A "
-    "one-step CT rate of 0.8 here needs L2's limit: N in the thousands with a low-variance target"
+    "one-step CT rate of 0.8 in the right proportions needs L2's limit: N in the thousands, a low-variance target"
 )
 
 
