@@ -7,7 +7,7 @@ Usage:
     python recipes/pf_ode_sample.py --checkpoint runs/edm_qm9_small/best.eqx --grid karras --rho 7
     python recipes/pf_ode_sample.py --dry-run
 
-The default checkpoint is checkpoints/edm_qm9_small.eqx (see its model card). Any sde_mol checkpoint works: a
+The default checkpoint is checkpoints/edm_qm9_base.eqx (see its model card). Any sde_mol checkpoint works: a
 denoiser file, or a training state (its EMA model is used).
 """
 
@@ -34,6 +34,8 @@ class Config:
     """Karras grid exponent"""
     adaptive: bool = False
     """adaptive step size (PID controller) instead of the fixed grid"""
+    continuous_time: bool = False
+    """integrate an EDM discrete-table model on its continuous twin (the same network, continuous schedule)"""
     rtol: float = 1e-4
     atol: float = 1e-4
     n_samples: int = 100
@@ -62,6 +64,7 @@ def main(cfg: Config) -> dict:
         GenerateConfig(
             checkpoint=cfg.checkpoint,
             sampler=sampler,
+            continuous_time=cfg.continuous_time,
             n_samples=cfg.n_samples,
             batch_size=cfg.batch_size,
             buckets=cfg.buckets,

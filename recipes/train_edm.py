@@ -12,6 +12,7 @@ end) and best.eqx (best validation NLL) into --out-dir. Checkpoints are train_st
 read their EMA model.
 """
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class Config:
     resume: Path | None = None
     """a last.eqx/best.eqx train_state checkpoint to continue from (its config must match)"""
     init_from: Path | None = None
-    """warm start: any checkpoint holding a denoiser (its EMA model) with the same model spec; model and EMA start
+    """warm start (fine-tuning): any checkpoint holding a denoiser (its EMA model) with the same network and
+    parametrisation; the SDE may differ (e.g. T = 200 -> 1000: the network is carried over). Model and EMA start
     from it, the optimiser state is fresh and the step count continues from its header's step"""
     init_seed: int = 0
     dry_run: bool = False
@@ -93,6 +95,20 @@ PRESETS = {
             spec=ModelSpec(ModelConfig(hidden=256, n_layers=9), SDEConfig(), DenoiserConfig()),
             train=LoopConfig(steps=1_565_000, eval_every=31_260, ckpt_every=5000, log_every=100),
             out_dir=Path("runs/edm_qm9_paper"),
+        ),
+    ),
+    "qm9-finetune": (
+        "fine-tune an imported EDM model (5 layers, 128 hidden; pass --init-from) at T=1000: lr warm-up to 1e-4, "
+        "cosine decay to 1e-5, EMA 0.9999 from the imported weights, batch 64, 500-molecule probe",
+        Config(
+            spec=ModelSpec(ModelConfig(hidden=128, n_layers=5), SDEConfig(timesteps=1000), DenoiserConfig()),
+            optim=OptimConfig(lr=1e-4, ema_decay=0.9999, warmup_steps=1000, decay_steps=60_000, lr_end=1e-5),
+            data=DataConfig(batch_size=64, buckets=(17, 20, 23, 29)),
+            train=LoopConfig(steps=61_000, eval_every=5000, ckpt_every=500, log_every=100, eval_at_start=True),
+            eval=EvalConfig(
+                n_valid=1000, n_samples=500, sampler=SamplerConfig(sampler="reverse_sde", steps=250), batch_size=250
+            ),
+            out_dir=Path("runs/edm_qm9_finetune"),
         ),
     ),
     "qm9-small": (
@@ -159,12 +175,17 @@ def main(cfg: Config) -> None:
     distributed.initialise()  # multi-host runs only (see sde_mol/distributed.py); a no-op otherwise
     if cfg.resume is not None and cfg.init_from is not None:
         raise ValueError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
-    for path in (cfg.resume, cfg.init_from):
-        if path is not None:
-            header = checkpoint.read_header(path)
-            stored = from_dict(ModelSpec, header["config"]["spec"])
-            if stored != cfg.spec:
-                raise ValueError(f"{path}: its model spec {stored} differs from the requested {cfg.spec}")
+    if cfg.resume is not None:
+        stored = from_dict(ModelSpec, checkpoint.read_header(cfg.resume)["config"]["spec"])
+        if stored != cfg.spec:
+            raise ValueError(f"{cfg.resume}: its model spec {stored} differs from the requested {cfg.spec}")
+    if cfg.init_from is not None:
+        stored = from_dict(ModelSpec, checkpoint.read_header(cfg.init_from)["config"]["spec"])
+        if dataclasses.replace(stored, sde=cfg.spec.sde) != cfg.spec:
+            raise ValueError(
+                f"{cfg.init_from}: its network or parametrisation {stored} differs from the requested {cfg.spec} "
+                "(--init-from carries the network over; only the SDE may change)"
+            )
     print(json.dumps(to_dict(cfg), indent=2, default=str))
     if cfg.dry_run:
         return
@@ -183,7 +204,10 @@ def main(cfg: Config) -> None:
         state = checkpoint.load(cfg.resume, train_state_skeleton(cfg.spec, hcfg))
         print(f"resumed from {cfg.resume} at step {int(state.step)}")
     elif cfg.init_from is not None:
-        den, _, header = load_denoiser(cfg.init_from)
+        den, stored, header = load_denoiser(cfg.init_from)
+        if stored.sde != cfg.spec.sde:  # the network carries over; the denoiser gets the requested SDE
+            den = eqx.tree_at(lambda d: d.net, build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed)), den.net)
+            print(f"--init-from: SDE changed from {to_dict(stored.sde)} to {to_dict(cfg.spec.sde)}; network kept")
         state = init_state(den, optimizer)
         state = eqx.tree_at(lambda s: s.step, state, jnp.array(int(header.get("step", 0)), jnp.int32))
         print(f"initialised from {cfg.init_from} (step {int(state.step)}; fresh optimiser state)")

@@ -80,6 +80,11 @@ class OptimConfig:
     """"adaptive" (EDM's queue rule), "none", or a number for fixed global-norm clipping"""
     ema_decay: float = 0.9999
     warmup_steps: int = 0
+    """linear lr warm-up from 0 over this many steps"""
+    decay_steps: int = 0
+    """> 0: after the warm-up, a cosine decay of the lr to --optim.lr-end over this many steps; 0: constant"""
+    lr_end: float = 0.0
+    """the lr at the end of the cosine decay"""
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,13 @@ def train_state_skeleton(spec: ModelSpec, config: dict):
 
 def optimizer_from(cfg: OptimConfig):
     return build_optimizer(
-        cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, clip=cfg.clip, warmup_steps=cfg.warmup_steps
+        cfg.lr,
+        weight_decay=cfg.weight_decay,
+        amsgrad=cfg.amsgrad,
+        clip=cfg.clip,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.decay_steps,
+        lr_end=cfg.lr_end,
     )
 
 

@@ -112,9 +112,12 @@ def build_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     warmup_steps: int = 0,
+    decay_steps: int = 0,
+    lr_end: float = 0.0,
 ) -> optax.GradientTransformation:
     """EDM's optimiser: AdamW (amsgrad, weight decay 1e-12, constant lr) with adaptive clipping.
-    `clip` is "adaptive", "none" or a number (fixed global-norm clipping)."""
+    `clip` is "adaptive", "none" or a number (fixed global-norm clipping). `warmup_steps`: linear warm-up from 0
+    to `lr`; `decay_steps` > 0: then a cosine decay from `lr` to `lr_end` over that many steps (fine-tuning)."""
     parts = []
     if clip == "adaptive":
         parts.append(adaptive_clip())
@@ -123,7 +126,10 @@ def build_optimizer(
     parts.append(optax.scale_by_amsgrad(b1, b2, eps) if amsgrad else optax.scale_by_adam(b1, b2, eps))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
-    schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
+    if decay_steps:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, warmup_steps + decay_steps, lr_end)
+    else:
+        schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
     parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
 
@@ -283,6 +289,8 @@ class LoopConfig:
     data_parallel: bool = False
     """shard every batch over all devices (jax.devices(), all hosts after `distributed.initialise()`),
     parameters replicated; the batch size must be divisible by the device count"""
+    eval_at_start: bool = False
+    """evaluate once before the first step of a fresh run (the starting point of the curve)"""
     precision: Literal["f32", "bf16"] = "f32"
     """network compute dtype (bf16: mixed precision with float32 master weights; for GPUs, slow on most CPUs).
     Read by the recipe when it builds the step (`compute_dtype_from`)"""
@@ -344,6 +352,9 @@ def run_loop(
     device_batches = (put(b) for b in batches(start))
     it = prefetch(device_batches, cfg.prefetch) if cfg.prefetch > 0 else device_batches
 
+    if main_process:
+        _truncate_log(out_dir / "metrics.jsonl", start)
+
     def record(obj):
         if main_process:
             with open(out_dir / "metrics.jsonl", "a") as log:
@@ -353,7 +364,21 @@ def run_loop(
         if main_process:
             save(out_dir / name, st)
 
+    def run_evaluation(st, at_step):
+        nonlocal best
+        metrics = evaluate(st)
+        record({"step": at_step, "time": time.time(), "eval": metrics})
+        if main_process:
+            print(f"eval @ {at_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if best_key is not None and metrics.get(best_key) is not None and metrics[best_key] < best:
+            best = metrics[best_key]
+            checkpoint("best.eqx", st)
+            if main_process:
+                (out_dir / "best.json").write_text(json.dumps({"step": at_step, best_key: best}))
+
     step = start
+    if evaluate is not None and cfg.eval_at_start and not (out_dir / "metrics.jsonl").exists():
+        run_evaluation(state, step)
     try:
         while step < cfg.steps:
             state, aux = step_fn(state, *next(it), key)
@@ -369,15 +394,7 @@ def run_loop(
                     print(line, flush=True)
                 record({"step": step, "time": time.time(), "steps_per_s": sps, **aux})
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate(state)
-                record({"step": step, "time": time.time(), "eval": metrics})
-                if main_process:
-                    print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-                if best_key is not None and metrics.get(best_key) is not None and metrics[best_key] < best:
-                    best = metrics[best_key]
-                    checkpoint("best.eqx", state)
-                    if main_process:
-                        (out_dir / "best.json").write_text(json.dumps({"step": step, best_key: best}))
+                run_evaluation(state, step)
             out_of_time = deadline is not None and time.perf_counter() > deadline
             if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
                 checkpoint("last.eqx", state)
@@ -393,6 +410,19 @@ def run_loop(
         if isinstance(it, Prefetch):
             it.close()
     return state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of an earlier run's metrics.jsonl logged after `step` (a run resumed from an older
+    checkpoint logs those steps again); written atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def _read_best(out_dir: Path, best_key: str | None) -> float:

@@ -54,6 +54,32 @@ def test_resume_continues_from_checkpoint(trained):
         train_edm.main(bad)
 
 
+def test_init_from_carries_the_network_over_to_another_sde(trained, tmp_path):
+    """Fine-tuning: --init-from a checkpoint at T = 1000 into T = 200 keeps the network, says so, evaluates the
+    starting point first (eval_at_start) and writes checkpoints with the new SDE; another network is refused."""
+    train_edm, cfg, out = trained
+    source, _, source_header = load_denoiser(out / "last.eqx")
+    start = source_header["step"]  # the step count continues from the source's
+    spec = replace(cfg.spec, sde=replace(cfg.spec.sde, timesteps=200))
+    ft = replace(
+        cfg,
+        spec=spec,
+        init_from=out / "last.eqx",
+        optim=replace(cfg.optim, warmup_steps=1, decay_steps=2, lr_end=1e-6),
+        train=replace(cfg.train, steps=start + 2, eval_at_start=True),
+        out_dir=tmp_path / "ft",
+    )
+    train_edm.main(ft)
+    lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval" in lines[0] and lines[0]["step"] == start  # the imported model, before any step
+    den, stored, header = load_denoiser(tmp_path / "ft" / "last.eqx", which="model")
+    assert stored.sde.timesteps == 200 and den.sde.gamma_table.shape == (201,)
+    assert header["step"] == start + 2
+    assert not np.allclose(den.net.embedding.weight, source.net.embedding.weight)  # it trained
+    with pytest.raises(ValueError, match="only the SDE may change"):
+        train_edm.main(replace(ft, spec=replace(spec, model=ModelConfig(hidden=16, n_layers=1))))
+
+
 def test_pf_ode_sample_recipe(trained, tmp_path):
     _, _, out = trained
     pf = _recipe("pf_ode_sample")

@@ -211,3 +211,19 @@ def test_bf16_compute_keeps_f32_master_weights():
     assert not np.array_equal(h, h32)  # it did run in bf16 (~1 % error), close to the f32 network
     np.testing.assert_allclose(dx, dx32, atol=0.03 * float(jnp.max(jnp.abs(dx32))))
     np.testing.assert_allclose(h, h32, atol=0.03 * float(jnp.max(jnp.abs(h32))))
+
+
+def test_warmup_cosine_schedule_reaches_its_end_lr():
+    """build_optimizer(warmup_steps, decay_steps, lr_end): Adam updates of a constant gradient are ~lr in size,
+    so they trace the schedule: 0 at step 0, the peak after the warm-up, lr_end after the decay."""
+    opt = build_optimizer(1.0, weight_decay=0.0, amsgrad=False, clip="none", warmup_steps=2, decay_steps=4, lr_end=0.1)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    sizes = []
+    for _ in range(8):
+        updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+        sizes.append(float(jnp.abs(updates["w"][0])))
+    np.testing.assert_allclose(sizes[0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(sizes[2], 1.0, rtol=1e-4)
+    np.testing.assert_allclose(sizes[6:], [0.1, 0.1], rtol=1e-4)
+    assert sizes[3] > sizes[4] > sizes[5] > 0.1

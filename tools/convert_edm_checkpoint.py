@@ -39,6 +39,7 @@ from sde_mol.likelihood import vlb_terms
 from sde_mol.molecule import Molecule
 from sde_mol.nn.convert import egnn_config_from_edm, egnn_from_state_dict
 from sde_mol.nn.egnn import EGNN
+from sde_mol.nn.torch_format import TorchFormatError, read_namespace, read_state_dict
 from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.samplers import ancestral_step, decode, edm_final_decode
 from sde_mol.sde import DiscreteVPSDE
@@ -48,18 +49,21 @@ TOL_F64 = 1e-9
 TOL_ELEMENT = 1e-5  # per-element state arrays (z_s, decoded positions), absolute
 TOL_SCALAR = 2e-5  # per-molecule loss / NLL values, relative to (|value| + 1)
 T_STEPS = 1000  # EDM's diffusion_steps for QM9; network time is t_int / T
+WEIGHT_FILES = ("generative_model_ema.npy", "generative_model.npy")  # an EDM run folder's weights, EMA first
 
 
 @dataclass(frozen=True)
 class Config:
     input: Path | None = None
-    """EDM weights: a PyTorch state dict file (torch.load, weights_only) or an npz with `param/<key>` arrays"""
+    """EDM weights: an EDM run folder (generative_model_ema.npy + args.pickle), a torch.save state dict file
+    (read without torch; settings from the args.pickle beside it, else the flags below), or an npz with
+    `param/<key>` arrays and `config_json`"""
     output: Path | None = None
     """where to write the sde_mol checkpoint (.eqx)"""
     check: Path | None = None
     """a parity fixture npz: rebuild its network and compare the stored outputs"""
     nf: int = 256
-    """hidden width (torch input only; an npz's config_json takes precedence)"""
+    """hidden width (torch input without args.pickle only; args.pickle / an npz's config_json take precedence)"""
     n_layers: int = 9
     """equivariant blocks (torch input only; an npz's config_json takes precedence)"""
     inv_sublayers: int = 1
@@ -68,6 +72,8 @@ class Config:
     """message aggregation (torch input only; the released model's args lack it, EDM then uses sum)"""
     normalization_factor: float = 1.0
     """message normaliser (torch input only)"""
+    check_with_torch: bool = False
+    """also load the torch file with PyTorch (if installed) and require identical tensors"""
 
 
 # --- reading EDM weights -----------------------------------------------------------------------------------
@@ -83,17 +89,40 @@ def read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def read_torch(path: Path) -> dict[str, np.ndarray]:
+    """A `torch.save` state dict, read without torch (restricted unpickler; see sde_mol/nn/torch_format.py)."""
+    if path.suffix == ".eqx":
+        raise SystemExit(f"{path}: an sde_mol checkpoint, not EDM weights (expected a torch.save file or an npz)")
+    try:
+        return read_state_dict(path)
+    except TorchFormatError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def torch_cross_check(path: Path, params: dict[str, np.ndarray]) -> dict[str, float]:
+    """Max abs difference per tensor between our reader and `torch.load(weights_only=True)` (needs torch)."""
     try:
         import torch
     except ImportError as e:
-        raise SystemExit(
-            f"reading {path} needs PyTorch (pip install torch, or `pip install sde_mol[torch]`); "
-            "alternatively convert the state dict to an npz of `param/<key>` arrays elsewhere"
-        ) from e
+        raise SystemExit("--check-with-torch needs PyTorch (pip install torch)") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise SystemExit(f"{path}: expected a state dict, found {type(state).__name__}")
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+    if set(state) != set(params):
+        raise SystemExit(f"{path}: torch reads keys {sorted(set(state) ^ set(params))} differently")
+    return {k: float(np.max(np.abs(v.detach().cpu().numpy() - params[k]), initial=0.0)) for k, v in state.items()}
+
+
+def resolve_input(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, args.pickle or None) from an EDM run folder or a weights file (args.pickle beside it)."""
+    if path.is_dir():
+        found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
+        if not found:
+            raise SystemExit(f"{path}: an EDM run folder holds one of {', '.join(WEIGHT_FILES)}; none found")
+        weights = found[0]
+    elif path.is_file():
+        weights = path
+    else:
+        raise SystemExit(f"--input {path}: no such file or folder")
+    args = weights.parent / "args.pickle"
+    return weights, (args if args.is_file() else None)
 
 
 def edm_settings_from_flags(cfg: Config) -> dict:
@@ -106,6 +135,33 @@ def edm_settings_from_flags(cfg: Config) -> dict:
     )
 
 
+def edm_settings_from_args(path: Path) -> dict:
+    """EDM's run settings from its args.pickle, checked against what this converter supports."""
+    try:
+        args = read_namespace(path)
+    except TorchFormatError as e:
+        raise SystemExit(f"error: {e}") from e
+    expected = {
+        "model": "egnn_dynamics",
+        "probabilistic_model": "diffusion",
+        "dataset": "qm9",
+        "remove_h": False,
+        "include_charges": True,
+        "context_node_nf": 0,
+    }
+    for name, value in expected.items():
+        if name in args and args[name] != value:
+            raise SystemExit(f"{path}: {name} = {args[name]!r}; the converter supports {name} = {value!r} only")
+    if "normalize_factors" in args and [float(f) for f in args["normalize_factors"]] != [1.0, 4.0, 10.0]:
+        raise SystemExit(f"{path}: normalize_factors = {args['normalize_factors']}; QM9 here uses [1, 4, 10]")
+    schedule = str(args.get("diffusion_noise_schedule", "polynomial_2"))
+    if not schedule.startswith("polynomial_"):
+        raise SystemExit(f"{path}: diffusion_noise_schedule = {schedule!r}; expected polynomial_<power>")
+    settings = dict(args)
+    settings["noise_power"] = float(schedule[len("polynomial_") :])
+    return settings
+
+
 def header_config(egnn: EGNN, settings: dict, source: str) -> dict:
     """Checkpoint header config: `spec` (configs.ModelSpec as a dict), `egnn` (EGNN kwargs), `source`."""
     egnn_kwargs = egnn.config()
@@ -114,13 +170,14 @@ def header_config(egnn: EGNN, settings: dict, source: str) -> dict:
         "name": "vp_discrete",
         "timesteps": int(settings.get("diffusion_steps", T_STEPS)),
         "precision": float(settings.get("diffusion_noise_precision", 1e-5)),
-        "power": 2.0,
+        "power": float(settings.get("noise_power", 2.0)),
     }
     spec = {"model": model, "sde": sde, "denoiser": {"parametrisation": "eps"}, "dataset": "qm9"}
     return {
         "spec": spec,
         "egnn": egnn_kwargs,
         "source": {"reference": "EDM ehoogeboom/e3_diffusion_for_molecules", "file": source},
+        "edm_settings": json.loads(json.dumps(settings, default=str)),
     }
 
 
@@ -134,12 +191,15 @@ def denoiser_skeleton(config: dict) -> EpsDenoiser:
 def convert(params: dict[str, np.ndarray], settings: dict) -> EpsDenoiser:
     """EDM weights -> `EpsDenoiser(EGNN, DiscreteVPSDE)`; the gamma table is the state dict's if present."""
     net = egnn_from_state_dict(params, egnn_config_from_edm(settings))
+    steps = int(settings.get("diffusion_steps", T_STEPS))
     if "gamma.gamma" in params:
-        sde = DiscreteVPSDE(params["gamma.gamma"])
+        table = np.asarray(params["gamma.gamma"])
+        if table.shape != (steps + 1,):
+            raise ValueError(f"gamma.gamma has shape {table.shape}; diffusion_steps = {steps} needs ({steps + 1},)")
+        sde = DiscreteVPSDE(table)
     else:
-        steps = int(settings.get("diffusion_steps", T_STEPS))
         precision = float(settings.get("diffusion_noise_precision", 1e-5))
-        sde = DiscreteVPSDE.edm_polynomial(steps, 2.0, precision)
+        sde = DiscreteVPSDE.edm_polynomial(steps, float(settings.get("noise_power", 2.0)), precision)
     return EpsDenoiser(net, sde)
 
 
@@ -321,10 +381,19 @@ def main(cfg: Config) -> int:
         if cfg.input.suffix == ".npz":
             params, settings = read_npz(cfg.input)
             settings = settings or edm_settings_from_flags(cfg)
+            source = cfg.input.name
         else:
-            params, settings = read_torch(cfg.input), edm_settings_from_flags(cfg)
+            weights, args = resolve_input(cfg.input)
+            params = read_torch(weights)
+            settings = edm_settings_from_args(args) if args is not None else edm_settings_from_flags(cfg)
+            source = weights.name if args is None else f"{weights.name} + {args.name}"
+            if cfg.check_with_torch:
+                diffs = torch_cross_check(weights, params)
+                if max(diffs.values(), default=0.0) != 0.0:
+                    raise SystemExit(f"{weights}: torch reads different values: {diffs}")
+                print(json.dumps({"torch_cross_check": "identical", "tensors": len(diffs)}))
         denoiser = convert(params, settings)
-        config = header_config(denoiser.net, settings, cfg.input.name)
+        config = header_config(denoiser.net, settings, source)
         checkpoint.save(cfg.output, denoiser, kind="denoiser", config=config, step=0)
         print(json.dumps({"wrote": str(cfg.output), "egnn": config["egnn"]}))
     if cfg.check is not None:

@@ -99,10 +99,23 @@ def edge_first_layer(
     Computed in the weights' dtype (the distances are cast to it)."""
     nf = h.shape[-1]
     w = layer.weight
-    d, d0 = d.astype(w.dtype), d0.astype(w.dtype)
     receiver = h @ w[:, :nf].T + layer.bias  # (N, out), indexed by i
     sender = h @ w[:, nf : 2 * nf].T  # (N, out), indexed by j
-    return receiver[:, None, :] + sender[None, :, :] + d[:, :, None] * w[:, 2 * nf] + d0[:, :, None] * w[:, 2 * nf + 1]
+    # the two distance columns as one K = 2 product: written as broadcast multiplies, XLA materialises each
+    # (N, N, out) broadcast weight for the backward pass (measured: ~8 % of a 5 x 128 training step on CPU)
+    geometry = jnp.stack([d, d0], axis=-1).astype(w.dtype) @ w[:, 2 * nf : 2 * nf + 2].T
+    return receiver[:, None, :] + sender[None, :, :] + geometry
+
+
+def _sigmoid(x: Array) -> Array:
+    """sigmoid(x) = (1 + tanh(x / 2)) / 2: the same function; XLA's CPU tanh is cheaper than its exp and divide
+    on the (n_atoms, n_atoms, hidden) edge tensors (measured: ~5 % of a 5 x 128 training step)."""
+    return 0.5 + 0.5 * jnp.tanh(0.5 * x)
+
+
+def _silu(x: Array) -> Array:
+    """SiLU x * sigmoid(x), by `_sigmoid`."""
+    return x * _sigmoid(x)
 
 
 def _aggregate(
@@ -143,14 +156,14 @@ class GCL(eqx.Module):
     ) -> Float[Array, "n_atoms hidden"]:
         dtype = self.edge_mlp_2.weight.dtype  # compute dtype; masks and scales arrive in the geometry dtype
         edge, agg_scale, node = edge.astype(dtype), agg_scale.astype(dtype), node.astype(dtype)
-        m = jax.nn.silu(edge_first_layer(self.edge_mlp_0, h, d, d0))
-        m = jax.nn.silu(_dense(self.edge_mlp_2, m))
+        m = _silu(edge_first_layer(self.edge_mlp_0, h, d, d0))
+        m = _silu(_dense(self.edge_mlp_2, m))
         if self.att_mlp_0 is None:
             gate = edge
         else:
-            gate = jax.nn.sigmoid(m @ self.att_mlp_0.weight[0] + self.att_mlp_0.bias[0]) * edge
+            gate = _sigmoid(m @ self.att_mlp_0.weight[0] + self.att_mlp_0.bias[0]) * edge
         agg = _aggregate(m, gate, agg_scale)
-        update = _dense(self.node_mlp_2, jax.nn.silu(_dense(self.node_mlp_0, jnp.concatenate([h, agg], -1))))
+        update = _dense(self.node_mlp_2, _silu(_dense(self.node_mlp_0, jnp.concatenate([h, agg], -1))))
         return (h + update) * node
 
 
@@ -183,8 +196,8 @@ class EquivariantUpdate(eqx.Module):
         agg_scale: Float[Array, "n_atoms 1"],
         node: Float[Array, "n_atoms 1"],
     ) -> Float[Array, "n_atoms 3"]:
-        c = jax.nn.silu(edge_first_layer(self.coord_mlp_0, h, d, d0))
-        c = jax.nn.silu(_dense(self.coord_mlp_2, c))
+        c = _silu(edge_first_layer(self.coord_mlp_0, h, d, d0))
+        c = _silu(_dense(self.coord_mlp_2, c))
         phi = (c @ self.coord_mlp_4.weight[0]).astype(x.dtype)  # (N, N); coordinates in the geometry dtype
         if self.tanh:
             phi = jnp.tanh(phi) * self.coords_range
