@@ -46,6 +46,10 @@ class Config:
     out_dir: Path = Path("samples/pf_ode")
     format: Literal["sdf", "xyz", "both"] = "sdf"
     novelty: bool = True
+    compile_cache: bool = True
+    """use JAX's persistent compilation cache: a second run skips compilation"""
+    quiet: bool = False
+    """no progress bar"""
     dry_run: bool = False
 
 
@@ -72,6 +76,8 @@ def main(cfg: Config) -> dict:
             out_dir=cfg.out_dir,
             format=cfg.format,
             novelty=cfg.novelty,
+            compile_cache=cfg.compile_cache,
+            quiet=cfg.quiet,
             dry_run=cfg.dry_run,
         )
     )

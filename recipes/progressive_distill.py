@@ -291,7 +291,7 @@ def save_student(cfg: Config, r: int, schedule, den, spec, autoencoder, hcfg: di
         res = sample_molecules(
             fn, cfg.eval_samples, info, key=jr.PRNGKey(cfg.train.seed + 2), batch_size=cfg.eval_samples
         )
-        m = metrics.evaluate(res.positions, res.atom_types, None, atom_decoder=info.atom_decoder)
+        m = metrics.evaluate_samples(res, None, atom_decoder=info.atom_decoder)
         row.update({k: v for k, v in m.items() if v is not None})
     print(
         f"round {r}: wrote {path}" + "".join(f"; {k} {v}" for k, v in row.items() if k not in ("checkpoint", "round"))

@@ -25,6 +25,7 @@ import jax.random as jr
 import tyro
 
 from sde_mol import checkpoint, distributed, metrics
+from sde_mol.compile_cache import enable_compile_cache
 from sde_mol.configs import (
     DataConfig,
     DenoiserConfig,
@@ -85,6 +86,8 @@ class Config:
     parametrisation; the SDE may differ (e.g. T = 200 -> 1000: the network is carried over). Model and EMA start
     from it, the optimiser state is fresh and the step count continues from its header's step"""
     init_seed: int = 0
+    compile_cache: bool = True
+    """use JAX's persistent compilation cache (sde_mol/compile_cache.py): a resumed run skips compilation"""
     dry_run: bool = False
 
 
@@ -163,7 +166,7 @@ def make_evaluate(cfg: Config, info):
             )
             if ref_smiles is None:
                 ref_smiles = metrics.train_smiles()
-            m = metrics.evaluate(res.positions, res.atom_types, ref_smiles)
+            m = metrics.evaluate_samples(res, ref_smiles)
             out.update({k: v for k, v in m.items() if k != "n_molecules" and v is not None})
         out["eval_seconds"] = time.perf_counter() - t0
         return out
@@ -189,6 +192,7 @@ def main(cfg: Config) -> None:
     print(json.dumps(to_dict(cfg), indent=2, default=str))
     if cfg.dry_run:
         return
+    enable_compile_cache(cfg.compile_cache)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     info = dataset_info(cfg.data.dataset)

@@ -106,7 +106,7 @@ def make_evaluate(cfg: Config, objective: LatentObjective, autoencoder, info):
             res = sample_molecules(
                 sampler, cfg.eval_samples, info, key=jr.PRNGKey(cfg.train.seed + 2), batch_size=cfg.eval_samples
             )
-            m = metrics.evaluate(res.positions, res.atom_types, None, atom_decoder=info.atom_decoder)
+            m = metrics.evaluate_samples(res, None, atom_decoder=info.atom_decoder)
             out.update({k: v for k, v in m.items() if k != "n_molecules" and v is not None})
         return out
 

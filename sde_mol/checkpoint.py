@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
 import numpy as np
 
 FORMAT = "sde_mol.checkpoint"
@@ -182,6 +183,19 @@ def _read_payload(f, header: dict, path) -> bytes:
     return payload
 
 
+def _check_finite(tree: Any, path) -> None:
+    """Refuse a tree with a NaN or inf in any floating leaf, naming the file and the leaf."""
+    for where, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if eqx.is_inexact_array(leaf):
+            values = np.asarray(leaf)
+            if not np.all(np.isfinite(values)):
+                n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+                raise CheckpointError(
+                    f"{path}: leaf {jax.tree_util.keystr(where)} holds {n_bad} non-finite value(s) (NaN or inf); "
+                    "refusing to load it (a diverged training state?)"
+                )
+
+
 def _deserialise(payload: bytes, like: Any, path) -> Any:
     buffer = io.BytesIO(payload)
     try:
@@ -196,22 +210,31 @@ def _deserialise(payload: bytes, like: Any, path) -> Any:
     return tree
 
 
-def load(path: str | os.PathLike, like: Any, *, kind: str | None = None) -> Any:
+def load(path: str | os.PathLike, like: Any, *, kind: str | None = None, allow_nonfinite: bool = False) -> Any:
     """Load a checkpoint into the skeleton `like` (same pytree structure; array leaves or
-    `jax.ShapeDtypeStruct`s with the stored shapes and dtypes). With `kind`, the header's kind must match."""
+    `jax.ShapeDtypeStruct`s with the stored shapes and dtypes). With `kind`, the header's kind must match.
+    A non-finite floating leaf is an error unless `allow_nonfinite` (e.g. to inspect a saved nan_state.eqx)."""
     with open(path, "rb") as f:
         header = _read_header_from(f, path)
         _check_kind(header, kind, path)
         payload = _read_payload(f, header, path)
-    return _deserialise(payload, like, path)
+    tree = _deserialise(payload, like, path)
+    if not allow_nonfinite:
+        _check_finite(tree, path)
+    return tree
 
 
-def load_with(path: str | os.PathLike, build: Callable[[dict], Any], *, kind: str | None = None) -> Any:
+def load_with(
+    path: str | os.PathLike, build: Callable[[dict], Any], *, kind: str | None = None, allow_nonfinite: bool = False
+) -> Any:
     """Load a checkpoint whose skeleton is `build(header["config"])`, evaluated with `eqx.filter_eval_shape`
-    (so `build` may construct a full model with random init at no cost)."""
+    (so `build` may construct a full model with random init at no cost). Non-finite leaves as in `load`."""
     with open(path, "rb") as f:
         header = _read_header_from(f, path)
         _check_kind(header, kind, path)
         payload = _read_payload(f, header, path)
     like = eqx.filter_eval_shape(build, header["config"])
-    return _deserialise(payload, like, path)
+    tree = _deserialise(payload, like, path)
+    if not allow_nonfinite:
+        _check_finite(tree, path)
+    return tree

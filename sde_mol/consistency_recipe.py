@@ -267,5 +267,5 @@ def evaluate(student: AbstractDenoiser, spec: ModelSpec, steps: int, n: int, *, 
     info = dataset_info(spec.dataset)
     fn = build_sampler(SamplerConfig("consistency", steps=steps), student, info.n_feat)
     res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=n)
-    m = metrics.evaluate(res.positions, res.atom_types, None, atom_decoder=info.atom_decoder)
+    m = metrics.evaluate_samples(res, None, atom_decoder=info.atom_decoder)
     return {k: v for k, v in m.items() if v is not None}

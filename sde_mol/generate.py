@@ -10,6 +10,7 @@ it (or, with a single batch, on a second timed call of the compiled sampler on o
 """
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax.random as jr
 import numpy as np
 
 from . import checkpoint, io, latent, metrics
+from .compile_cache import enable_compile_cache
 from .configs import SamplerConfig, build_sampler, continuous_teacher, dataset_info, load_denoiser, to_dict
 from .samplers import compile_sampler, sample_molecules
 
@@ -48,6 +50,10 @@ class GenerateConfig:
     """score novelty against the QM9 train split's SMILES (cached after the first use, ~10 s)"""
     which: Literal["ema", "model"] = "ema"
     """for train_state checkpoints: the EMA model (default, as EDM samples) or the raw model"""
+    compile_cache: bool = True
+    """use JAX's persistent compilation cache (sde_mol/compile_cache.py): a second run skips compilation"""
+    quiet: bool = False
+    """no progress bar"""
     dry_run: bool = False
 
 
@@ -56,11 +62,15 @@ def _timed_sampling(cfg: GenerateConfig, sampler_fn, info):
     key = jr.PRNGKey(cfg.seed)
     bs = min(cfg.batch_size, cfg.n_samples)
     buckets = cfg.buckets or None
+    if not cfg.quiet:
+        print("compiling the sampler (JAX's compilation cache makes this fast from the second run on)", flush=True)
     t0 = time.perf_counter()
     compile_sampler(sampler_fn, cfg.n_samples, info, key=key, batch_size=bs, buckets=buckets)
     t_compile = time.perf_counter() - t0
     t1 = time.perf_counter()
-    samples = sample_molecules(sampler_fn, cfg.n_samples, info, key=key, batch_size=bs, buckets=buckets)
+    samples = sample_molecules(
+        sampler_fn, cfg.n_samples, info, key=key, batch_size=bs, buckets=buckets, progress=not cfg.quiet
+    )
     seconds = time.perf_counter() - t1
     timing = {"molecules_per_second": cfg.n_samples / seconds, "seconds": seconds, "compile_seconds": t_compile}
     return samples, timing
@@ -71,6 +81,7 @@ def generate(cfg: GenerateConfig) -> dict:
     print(json.dumps(resolved, indent=2, default=str))
     if cfg.dry_run:
         return {}
+    enable_compile_cache(cfg.compile_cache)
     if not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist (train one with recipes/train_edm.py)")
     if latent.is_latent(checkpoint.read_header(Path(cfg.checkpoint))):  # sample latents, decode them
@@ -88,13 +99,23 @@ def generate(cfg: GenerateConfig) -> dict:
     samples, timing = _timed_sampling(cfg, sampler_fn, info)
     out = default_out_dir(cfg) if cfg.out_dir is None else Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pos, types = samples.positions, samples.atom_types
-    if cfg.format in ("sdf", "both"):
+    keep = samples.finite
+    n_bad = int(np.size(keep) - np.count_nonzero(keep))
+    if n_bad:
+        print(
+            f"warning: {n_bad} of {cfg.n_samples} sampled molecules have non-finite coordinates or features; "
+            "they are counted as n_nonfinite, not written and not scored",
+            file=sys.stderr,
+        )
+    pos, types = samples.positions[keep], samples.atom_types[keep]
+    if len(pos) and cfg.format in ("sdf", "both"):
         io.write_sdf(out / "samples.sdf", pos, types, atom_decoder=info.atom_decoder)
-    if cfg.format in ("xyz", "both"):
+    if len(pos) and cfg.format in ("xyz", "both"):
         io.write_xyz(out / "samples.xyz", pos, types, atom_decoder=info.atom_decoder)
-    ref = metrics.train_smiles() if cfg.novelty else None
-    result = metrics.evaluate(pos, types, ref, atom_decoder=info.atom_decoder)
+    if not cfg.quiet:
+        print("scoring: bonds, RDKit validity, novelty against the QM9 train SMILES (built once, cached)", flush=True)
+    ref = metrics.train_smiles() if cfg.novelty and len(pos) else None
+    result = metrics.evaluate_samples(samples, ref, atom_decoder=info.atom_decoder)
     result.update(timing)
     result["nfe"] = float(np.mean(samples.nfe))
     result["checkpoint"] = str(cfg.checkpoint)
@@ -103,7 +124,7 @@ def generate(cfg: GenerateConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     print(metrics_table(result))
-    print(f"wrote {cfg.n_samples} molecules and metrics.json to {out}")
+    print(f"wrote {len(pos)} molecules and metrics.json to {out}")
     return result
 
 
@@ -141,6 +162,7 @@ def metrics_table(result: dict) -> str:
     rows = []
     for k in (
         "n_molecules",
+        "n_nonfinite",
         "atom_stability",
         "molecule_stability",
         "validity",
@@ -151,7 +173,7 @@ def metrics_table(result: dict) -> str:
         v = result.get(k)
         if v is None:
             continue
-        rows.append(f"{k:<20} {v:>8}" if k == "n_molecules" else f"{k:<20} {100 * v:7.2f} %")
+        rows.append(f"{k:<20} {v:>8}" if k.startswith("n_") else f"{k:<20} {100 * v:7.2f} %")
     rows.append(f"{'nfe':<20} {result['nfe']:8.1f}")
     rows.append(f"{'molecules/s':<20} {result['molecules_per_second']:8.2f}")
     return "\n".join(rows)

@@ -253,6 +253,12 @@ def evaluate(
     types = _check_types(atom_types, len(atom_decoder))
     if types.shape[0] == 0:
         raise ValueError("evaluate: no molecules")
+    bad = ~np.all(np.isfinite(np.asarray(positions)) | (types < 0)[..., None], axis=(1, 2))
+    if np.any(bad):
+        raise ValueError(
+            f"evaluate: {int(np.sum(bad))} molecule(s) have non-finite positions (first: index "
+            f"{int(np.argmax(bad))}); they are failures, not molecules: drop and count them (evaluate_samples does)"
+        )
     orders = bond_orders(positions, atom_types, atom_decoder)
     stab = _stability_from_orders(orders, types, atom_decoder)
     valid, smiles = _validity(positions, atom_types, atom_decoder, orders)
@@ -262,6 +268,20 @@ def evaluate(
         "molecule_stability": stab["molecule_stability"],
         **smiles_scores(valid, smiles, reference_smiles),
     }
+
+
+def evaluate_samples(
+    samples, reference_smiles: set[str] | frozenset[str] | None = None, atom_decoder: Sequence[str] = ATOM_DECODER
+) -> dict[str, float | int | None]:
+    """`evaluate` on the finite molecules of `samples` (a `samplers.Samples`); `n_nonfinite` counts the others
+    (sampler failures: never scored, never written). With no finite molecule every score is None."""
+    keep = np.asarray(samples.finite, bool)
+    n_bad = int(np.size(keep) - np.count_nonzero(keep))
+    if not np.any(keep):
+        names = ("atom_stability", "molecule_stability", "validity", "uniqueness", "valid_and_unique", "novelty")
+        return {"n_molecules": 0, "n_nonfinite": n_bad, **dict.fromkeys(names)}
+    scores = evaluate(samples.positions[keep], samples.atom_types[keep], reference_smiles, atom_decoder)
+    return {**scores, "n_nonfinite": n_bad}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
 
 from .data.qm9 import DatasetInfo
 from .denoisers import AbstractDenoiser, eps_to_x0, x0_to_eps
@@ -406,6 +407,7 @@ class Samples(NamedTuple):
     charges: np.ndarray  # (n, max_n_atoms) int32, 0 on padding
     n_atoms: np.ndarray  # (n,) int32
     nfe: np.ndarray  # (n,) int32 denoiser evaluations per molecule
+    finite: np.ndarray  # (n,) bool: every coordinate and feature of the real atoms is finite (else: a failure)
 
 
 SamplerFn = Callable[..., tuple[Molecule, NFE]]  # (mask, *, key) -> (molecule, nfe)
@@ -432,7 +434,8 @@ def _sample_one(
     mask = jnp.arange(capacity) < n_atoms
     mol, nfe = sampler_fn(mask, key=k_sample)
     positions, types, charges = decode(mol, mask, info)
-    return positions, types, charges, nfe
+    finite = jnp.all(jnp.isfinite(mol.to_array()) | ~mask[:, None])
+    return positions, types, charges, nfe, finite
 
 
 # One compiled function per (batch size, capacity, sampler structure, info), cached across calls: `sampler_fn`'s
@@ -492,6 +495,7 @@ def sample_molecules(
     batch_size: int,
     start: int = 0,
     buckets: tuple[int, ...] | None = None,
+    progress: bool = False,
 ) -> Samples:
     """Draw molecules start..n-1: sizes M ~ p(M) (`info.size_probs()`), then `sampler_fn(mask, key=...)`.
 
@@ -505,7 +509,7 @@ def sample_molecules(
     smallest bucket width that holds it instead of the full capacity (the EGNN's work grows with width^2),
     one compilation per bucket. A molecule's noise has the shape of its width, so molecule i is the same for
     every batch size and `start` under one bucket set, but differs between bucket sets. Outputs are padded
-    to `info.max_n_atoms` slots either way.
+    to `info.max_n_atoms` slots either way. `progress`: a progress bar (molecules, molecules/s, ETA) on stderr.
     """
     m, width = n - start, info.max_n_atoms
     positions = np.zeros((m, width, 3), np.float32)
@@ -513,9 +517,13 @@ def sample_molecules(
     charges = np.zeros((m, width), np.int32)
     n_atoms = np.zeros(m, np.int32)
     nfe = np.zeros(m, np.int32)
+    finite = np.zeros(m, bool)
+    bar = tqdm(total=m, unit="mol", desc="sampling", disable=not progress, smoothing=0.1)
     for rows, index, sizes, cap in _chunks(n, info, key, batch_size, start, buckets):
         out = jax.device_get(_sample_batch(jnp.asarray(index), jnp.asarray(sizes), sampler_fn, key, info, cap))
         k = len(rows)
         positions[rows, :cap], types[rows, :cap], charges[rows, :cap] = out[0][:k], out[1][:k], out[2][:k]
-        n_atoms[rows], nfe[rows] = sizes[:k], out[3][:k]
-    return Samples(positions, types, charges, n_atoms, nfe)
+        n_atoms[rows], nfe[rows], finite[rows] = sizes[:k], out[3][:k], out[4][:k]
+        bar.update(k)
+    bar.close()
+    return Samples(positions, types, charges, n_atoms, nfe, finite)

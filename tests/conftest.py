@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+# tests compile from scratch and leave no persistent compilation cache behind (test_compile_cache sets its own)
+os.environ["SDE_MOL_COMPILE_CACHE"] = "off"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,7 @@ class Identity(eqx.Module):
 
 _STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage"}
 _STORAGE_NAMES[np.dtype(np.int64)] = "LongStorage"
+_STORAGE_NAMES[np.dtype(ml_dtypes.bfloat16)] = "BFloat16Storage"
 
 
 class _Storage:

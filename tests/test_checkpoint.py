@@ -175,3 +175,19 @@ def test_config_must_be_json(tmp_path, model):
     with pytest.raises(TypeError):
         checkpoint.save(tmp_path / "x.eqx", model, kind="denoiser", config={"f": object()})
     assert os.listdir(tmp_path) == []
+
+
+def test_a_non_finite_weight_is_refused_at_load_with_its_leaf_path(tmp_path, model):
+    bad = eqx.tree_at(
+        lambda m: m.blocks.equiv.coord_mlp_2.weight, model, replace_fn=lambda w: w.at[1, 3, 5].set(jnp.nan)
+    )
+    path = tmp_path / "nan.eqx"
+    checkpoint.save(path, bad, kind="denoiser", config=CONFIG, step=1)
+    with pytest.raises(
+        CheckpointError, match=r"nan\.eqx: leaf \.blocks\.equiv\.coord_mlp_2\.weight holds 1 non-finite"
+    ):
+        checkpoint.load_with(path, _build)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        checkpoint.load(path, model)
+    inspected = checkpoint.load_with(path, _build, allow_nonfinite=True)  # a diverged state can still be inspected
+    assert np.isnan(inspected.blocks.equiv.coord_mlp_2.weight[1, 3, 5])

@@ -122,6 +122,9 @@ def test_edm_run_folder_converts_without_torch_like_the_npz(tool, tmp_path, fixt
         ({"include_charges": False}, r"args\.pickle: include_charges = False"),
         ({"diffusion_noise_schedule": "cosine"}, r"args\.pickle: diffusion_noise_schedule = 'cosine'"),
         ({"normalize_factors": [1, 4, 1]}, r"args\.pickle: normalize_factors = \[1, 4, 1\]"),
+        ({"sin_embedding": True}, r"args\.pickle: sin_embedding = True"),
+        ({"conditioning": ["alpha"]}, r"args\.pickle: conditioning = \['alpha'\]"),
+        ({"dataset": "geom"}, r"args\.pickle: dataset = 'geom'; the converter supports QM9 models only"),
     ],
 )
 def test_unsupported_edm_settings_are_refused(tool, tmp_path, fixture_npz, override, message):

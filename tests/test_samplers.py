@@ -271,6 +271,38 @@ def test_sample_molecules_is_batch_size_independent():
     assert len({a.positions[i, 0, 0].item() for i in range(7)}) == 7
 
 
+def test_non_finite_molecules_are_flagged_counted_and_never_scored():
+    """A sampler that blows up on some molecules (here: those of an odd size) yields them flagged, not as data:
+    `Samples.finite` is False for exactly those, evaluate_samples counts them as n_nonfinite and scores the
+    rest, and metrics.evaluate refuses them outright."""
+    from sde_mol import metrics
+
+    zeros = Molecule(jnp.zeros((INFO.max_n_atoms, 3)), jnp.zeros((INFO.max_n_atoms, INFO.n_feat)))
+    oracle = GaussianOracle(zeros, 0.5, EDM)
+
+    def sampler(den, mask, *, key):
+        mol, nfe = ddim_sample(den, EDM, mask, INFO.n_feat, key=key, n_steps=4)
+        blow_up = jnp.sum(mask) % 2 == 1
+        return Molecule(jnp.where(blow_up, jnp.nan, mol.positions), mol.features), nfe
+
+    res = sample_molecules(eqx.Partial(sampler, oracle), 12, INFO, key=jr.key(3), batch_size=6)
+    odd = res.n_atoms % 2 == 1
+    assert 0 < np.sum(odd) < 12
+    np.testing.assert_array_equal(res.finite, ~odd)
+    scores = metrics.evaluate_samples(res)
+    assert scores["n_nonfinite"] == np.sum(odd) and scores["n_molecules"] == np.sum(~odd)
+    with pytest.raises(ValueError, match=r"molecule\(s\) have non-finite positions"):
+        metrics.evaluate(res.positions, res.atom_types)
+    none_left = res._replace(finite=np.zeros(12, bool))
+    assert metrics.evaluate_samples(none_left) == {
+        "n_molecules": 0,
+        "n_nonfinite": 12,
+        **dict.fromkeys(
+            ["atom_stability", "molecule_stability", "validity", "uniqueness", "valid_and_unique", "novelty"]
+        ),
+    }
+
+
 def test_bucketed_sampling_uses_the_smallest_width_and_is_batch_size_independent():
     zeros = Molecule(jnp.zeros((INFO.max_n_atoms, 3)), jnp.zeros((INFO.max_n_atoms, INFO.n_feat)))
     widths = []

@@ -7,6 +7,7 @@ import os
 import pickle
 import zipfile
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import write_torch_zip
@@ -23,6 +24,7 @@ def test_round_trip_of_contiguous_strided_and_offset_tensors(tmp_path):
         "layer.weight_t": (w, 0, (4, 3), (1, 4)),  # a transposed view of the same numbers
         "vec": (flat, 3, (5,), (1,)),  # offset into its storage
         "steps": (np.array([7], np.int64), 0, (), ()),  # a scalar
+        "half": np.array([1.5, -2.25, 3.0], ml_dtypes.bfloat16),  # bfloat16 weights (numpy via ml_dtypes)
     }
     path = write_torch_zip(tmp_path / "model.pt", tensors, root="generative_model_ema")
     sd = read_state_dict(path)
@@ -32,6 +34,7 @@ def test_round_trip_of_contiguous_strided_and_offset_tensors(tmp_path):
     np.testing.assert_array_equal(sd["vec"], flat[3:8])
     assert sd["vec"].dtype == np.float64 and sd["layer.weight"].dtype == np.float32
     assert sd["steps"].shape == () and int(sd["steps"]) == 7
+    assert sd["half"].dtype == ml_dtypes.bfloat16 and sd["half"].astype(np.float32).tolist() == [1.5, -2.25, 3.0]
 
 
 def test_a_pickle_that_calls_os_system_is_refused(tmp_path):

@@ -144,11 +144,14 @@ def edm_settings_from_args(path: Path) -> dict:
     expected = {
         "model": "egnn_dynamics",
         "probabilistic_model": "diffusion",
-        "dataset": "qm9",
         "remove_h": False,
         "include_charges": True,
         "context_node_nf": 0,
+        "conditioning": [],
+        "sin_embedding": False,
     }
+    if not str(args.get("dataset", "qm9")).startswith("qm9"):
+        raise SystemExit(f"{path}: dataset = {args['dataset']!r}; the converter supports QM9 models only")
     for name, value in expected.items():
         if name in args and args[name] != value:
             raise SystemExit(f"{path}: {name} = {args[name]!r}; the converter supports {name} = {value!r} only")
