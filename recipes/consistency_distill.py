@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, consistency_recipe as cr
+from sde_mol import checkpoint, cli, consistency_recipe as cr
 from sde_mol.configs import (
     ConsistencyLossConfig,
     DataConfig,
@@ -172,4 +172,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

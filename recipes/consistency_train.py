@@ -34,7 +34,7 @@ import equinox as eqx
 import jax.random as jr
 import tyro
 
-from sde_mol import consistency_recipe as cr, schedules
+from sde_mol import cli, consistency_recipe as cr, schedules
 from sde_mol.configs import (
     ConsistencyLossConfig,
     DataConfig,
@@ -169,4 +169,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

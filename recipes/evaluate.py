@@ -34,6 +34,7 @@ import rdkit
 import tyro
 
 import sde_mol
+from sde_mol import cli
 from sde_mol.configs import dataset_info, load_denoiser
 from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
@@ -196,4 +197,4 @@ def main(cfg: Config) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

@@ -17,6 +17,7 @@ from typing import Literal
 
 import tyro
 
+from sde_mol import cli
 from sde_mol.configs import SamplerConfig
 from sde_mol.generate import DEFAULT_CHECKPOINT, GenerateConfig, generate
 
@@ -38,6 +39,8 @@ class Config:
     """integrate an EDM discrete-table model on its continuous twin (the same network, continuous schedule)"""
     rtol: float = 1e-4
     atol: float = 1e-4
+    max_steps: int = 4096
+    """adaptive: the most solver steps before the solve stops with an error"""
     n_samples: int = 100
     batch_size: int = 100
     buckets: tuple[int, ...] = (17, 20, 23, 29)
@@ -63,6 +66,7 @@ def main(cfg: Config) -> dict:
         adaptive=cfg.adaptive,
         rtol=cfg.rtol,
         atol=cfg.atol,
+        max_steps=cfg.max_steps,
     )
     return generate(
         GenerateConfig(
@@ -84,4 +88,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

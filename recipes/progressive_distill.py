@@ -39,7 +39,7 @@ import numpy as np
 import optax
 import tyro
 
-from sde_mol import checkpoint, metrics
+from sde_mol import checkpoint, cli, metrics
 from sde_mol.configs import (
     DataConfig,
     DenoiserConfig,
@@ -302,4 +302,4 @@ def save_student(cfg: Config, r: int, schedule, den, spec, autoencoder, hcfg: di
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

@@ -15,6 +15,7 @@ choice runs, with a note). Latent models (recipes/train_latent.py) sample latent
 
 import tyro
 
+from sde_mol import cli
 from sde_mol.generate import GenerateConfig, generate
 
 
@@ -23,4 +24,4 @@ def main(cfg: GenerateConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(GenerateConfig))
+    cli.run(main, lambda: tyro.cli(GenerateConfig))

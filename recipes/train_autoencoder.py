@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint
+from sde_mol import checkpoint, cli
 from sde_mol.configs import DataConfig, OptimConfig, dataset_info, from_dict, optimizer_from, to_dict
 from sde_mol.data.loader import BatchIterator, encode_split
 from sde_mol.data.qm9 import load_qm9
@@ -133,4 +133,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

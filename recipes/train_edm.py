@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, distributed, metrics
+from sde_mol import checkpoint, cli, distributed, metrics
+from sde_mol.cli import UsageError
 from sde_mol.compile_cache import enable_compile_cache
 from sde_mol.configs import (
     DataConfig,
@@ -177,15 +178,21 @@ def make_evaluate(cfg: Config, info):
 def main(cfg: Config) -> None:
     distributed.initialise()  # multi-host runs only (see sde_mol/distributed.py); a no-op otherwise
     if cfg.resume is not None and cfg.init_from is not None:
-        raise ValueError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
+        raise UsageError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
     if cfg.resume is not None:
-        stored = from_dict(ModelSpec, checkpoint.read_header(cfg.resume)["config"]["spec"])
+        header = checkpoint.read_header(cfg.resume)
+        if header["kind"] != "train_state":
+            raise UsageError(
+                f"--resume {cfg.resume}: expected a train_state checkpoint (runs/<name>/last.eqx), got a "
+                f"{header['kind']} (to start from a model's weights, use --init-from)"
+            )
+        stored = from_dict(ModelSpec, header["config"]["spec"])
         if stored != cfg.spec:
-            raise ValueError(f"{cfg.resume}: its model spec {stored} differs from the requested {cfg.spec}")
+            raise UsageError(f"{cfg.resume}: its model spec {stored} differs from the requested {cfg.spec}")
     if cfg.init_from is not None:
         stored = from_dict(ModelSpec, checkpoint.read_header(cfg.init_from)["config"]["spec"])
         if dataclasses.replace(stored, sde=cfg.spec.sde) != cfg.spec:
-            raise ValueError(
+            raise UsageError(
                 f"{cfg.init_from}: its network or parametrisation {stored} differs from the requested {cfg.spec} "
                 "(--init-from carries the network over; only the SDE may change)"
             )
@@ -245,4 +252,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.extras.overridable_config_cli(PRESETS))
+    cli.run(main, lambda: tyro.extras.overridable_config_cli(PRESETS))

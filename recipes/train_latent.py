@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, metrics
+from sde_mol import checkpoint, cli, metrics
 from sde_mol.configs import (
     DataConfig,
     ModelConfig,
@@ -171,4 +171,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))

@@ -300,6 +300,8 @@ class SamplerConfig:
     """PF-ODE with a PID step-size controller (rtol/atol) instead of the fixed grid"""
     rtol: float = 1e-4
     atol: float = 1e-4
+    max_steps: int = 4096
+    """adaptive PF-ODE: the most solver steps before the solve stops with an error"""
     eta: float = 0.0
     """DDIM stochasticity (0 = deterministic)"""
     consistency_sigmas: tuple[float, ...] = ()
@@ -331,6 +333,7 @@ def build_sampler(cfg: SamplerConfig, denoiser, n_feat: int):
         adaptive=cfg.adaptive,
         rtol=cfg.rtol,
         atol=cfg.atol,
+        max_steps=cfg.max_steps,
         **common,
     )
 

@@ -20,6 +20,7 @@ import jax.random as jr
 import numpy as np
 
 from . import checkpoint, io, latent, metrics
+from .cli import UsageError
 from .compile_cache import enable_compile_cache
 from .configs import SamplerConfig, build_sampler, continuous_teacher, dataset_info, load_denoiser, to_dict
 from .samplers import compile_sampler, sample_molecules
@@ -86,11 +87,12 @@ def generate(cfg: GenerateConfig) -> dict:
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist (train one with recipes/train_edm.py)")
     if latent.is_latent(checkpoint.read_header(Path(cfg.checkpoint))):  # sample latents, decode them
         if cfg.continuous_time:
-            raise ValueError(f"--continuous-time: {cfg.checkpoint} is a latent model; its SDE is already continuous")
+            raise UsageError(f"--continuous-time: {cfg.checkpoint} is a latent model; its SDE is already continuous")
         sampler_fn, spec, header = latent.load_latent_sampler(Path(cfg.checkpoint), cfg.sampler, which=cfg.which)
         info = dataset_info(spec.dataset)
     else:
         denoiser, spec, header = load_denoiser(Path(cfg.checkpoint), which=cfg.which)
+        _check_parametrisation(spec.denoiser.parametrisation, cfg)
         if cfg.continuous_time:
             denoiser, spec = continuous_teacher(denoiser, spec)
         info = dataset_info(spec.dataset)
@@ -126,6 +128,17 @@ def generate(cfg: GenerateConfig) -> dict:
     print(metrics_table(result))
     print(f"wrote {len(pos)} molecules and metrics.json to {out}")
     return result
+
+
+def _check_parametrisation(parametrisation: str, cfg: GenerateConfig) -> None:
+    """The consistency sampler needs a consistency function (f(t, z) = x0 in one call); a denoiser sampled
+    with it would give meaningless molecules, so it is refused."""
+    consistency = parametrisation in ("consistency", "eps_consistency")
+    if cfg.sampler.sampler == "consistency" and not consistency:
+        raise UsageError(
+            f"--sampler.sampler consistency: {cfg.checkpoint} is a {parametrisation!r} denoiser, not a consistency "
+            "model; sample it with ancestral, ddim, pf_ode or reverse_sde"
+        )
 
 
 def default_out_dir(cfg: GenerateConfig) -> Path:

@@ -243,11 +243,15 @@ def pf_ode_sample(
     adaptive: bool = False,
     rtol: float = 1e-4,
     atol: float = 1e-4,
+    max_steps: int = 4096,
 ) -> tuple[Molecule, NFE]:
-    """Prior, PF-ODE t_max -> t_min (fixed grid of n_steps, or adaptive), then x0 = denoiser(t_min, z)."""
+    """Prior, PF-ODE t_max -> t_min (fixed grid of n_steps, or adaptive with at most `max_steps` steps), then
+    x0 = denoiser(t_min, z)."""
     ts = time_grid(sde, n_steps, grid, rho)
     z0 = sde.prior(mask, n_feat, key=key)
-    z, nfe = pf_ode_solve(denoiser, sde, z0, mask, ts, solver=solver, adaptive=adaptive, rtol=rtol, atol=atol)
+    z, nfe = pf_ode_solve(
+        denoiser, sde, z0, mask, ts, solver=solver, adaptive=adaptive, rtol=rtol, atol=atol, max_steps=max_steps
+    )
     return denoiser(ts[-1], z, mask), nfe + 1
 
 

@@ -15,6 +15,7 @@ import pytest
 from helpers import write_torch_zip
 
 from sde_mol import checkpoint, metrics
+from sde_mol.cli import USER_ERRORS
 from sde_mol.configs import SamplerConfig, build_sampler, continuous_teacher, dataset_info, load_denoiser
 from sde_mol.samplers import sample_molecules
 
@@ -129,7 +130,7 @@ def test_edm_run_folder_converts_without_torch_like_the_npz(tool, tmp_path, fixt
 )
 def test_unsupported_edm_settings_are_refused(tool, tmp_path, fixture_npz, override, message):
     folder = _fixture_run_folder(tmp_path, fixture_npz, **override)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(USER_ERRORS, match=message):
         tool.main(tool.Config(input=folder, output=tmp_path / "out.eqx"))
     assert not (tmp_path / "out.eqx").exists()
 
@@ -137,15 +138,15 @@ def test_unsupported_edm_settings_are_refused(tool, tmp_path, fixture_npz, overr
 def test_bad_inputs_name_the_file(tool, tmp_path):
     garbage = tmp_path / "garbage.npy"
     garbage.write_bytes(b"not a zip archive at all")
-    with pytest.raises(SystemExit, match=r"garbage\.npy: not a readable zip archive"):
+    with pytest.raises(USER_ERRORS, match=r"garbage\.npy: not a readable zip archive"):
         tool.main(tool.Config(input=garbage, output=tmp_path / "out.eqx"))
     eqx_file = tmp_path / "model.eqx"
     eqx_file.write_bytes(b"{}\n")
-    with pytest.raises(SystemExit, match=r"model\.eqx: an sde_mol checkpoint, not EDM weights"):
+    with pytest.raises(USER_ERRORS, match=r"model\.eqx: an sde_mol checkpoint, not EDM weights"):
         tool.main(tool.Config(input=eqx_file, output=tmp_path / "out.eqx"))
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    with pytest.raises(SystemExit, match=r"empty_run: an EDM run folder holds one of generative_model_ema.npy"):
+    with pytest.raises(USER_ERRORS, match=r"empty_run: an EDM run folder holds one of generative_model_ema.npy"):
         tool.main(tool.Config(input=empty, output=tmp_path / "out.eqx"))
     assert not (tmp_path / "out.eqx").exists()
 

@@ -32,14 +32,15 @@ import jax.random as jr
 import numpy as np
 import tyro
 
-from sde_mol import checkpoint
+from sde_mol import checkpoint, cli
+from sde_mol.cli import UsageError
 from sde_mol.data.qm9 import DatasetInfo, qm9_info
 from sde_mol.denoisers import EpsDenoiser
 from sde_mol.likelihood import vlb_terms
 from sde_mol.molecule import Molecule
 from sde_mol.nn.convert import egnn_config_from_edm, egnn_from_state_dict
 from sde_mol.nn.egnn import EGNN
-from sde_mol.nn.torch_format import TorchFormatError, read_namespace, read_state_dict
+from sde_mol.nn.torch_format import read_namespace, read_state_dict
 from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.samplers import ancestral_step, decode, edm_final_decode
 from sde_mol.sde import DiscreteVPSDE
@@ -91,11 +92,8 @@ def read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 def read_torch(path: Path) -> dict[str, np.ndarray]:
     """A `torch.save` state dict, read without torch (restricted unpickler; see sde_mol/nn/torch_format.py)."""
     if path.suffix == ".eqx":
-        raise SystemExit(f"{path}: an sde_mol checkpoint, not EDM weights (expected a torch.save file or an npz)")
-    try:
-        return read_state_dict(path)
-    except TorchFormatError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise UsageError(f"{path}: an sde_mol checkpoint, not EDM weights (expected a torch.save file or an npz)")
+    return read_state_dict(path)
 
 
 def torch_cross_check(path: Path, params: dict[str, np.ndarray]) -> dict[str, float]:
@@ -103,10 +101,10 @@ def torch_cross_check(path: Path, params: dict[str, np.ndarray]) -> dict[str, fl
     try:
         import torch
     except ImportError as e:
-        raise SystemExit("--check-with-torch needs PyTorch (pip install torch)") from e
+        raise UsageError("--check-with-torch needs PyTorch (pip install torch)") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     if set(state) != set(params):
-        raise SystemExit(f"{path}: torch reads keys {sorted(set(state) ^ set(params))} differently")
+        raise UsageError(f"{path}: torch reads keys {sorted(set(state) ^ set(params))} differently")
     return {k: float(np.max(np.abs(v.detach().cpu().numpy() - params[k]), initial=0.0)) for k, v in state.items()}
 
 
@@ -115,12 +113,12 @@ def resolve_input(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
         if not found:
-            raise SystemExit(f"{path}: an EDM run folder holds one of {', '.join(WEIGHT_FILES)}; none found")
+            raise UsageError(f"{path}: an EDM run folder holds one of {', '.join(WEIGHT_FILES)}; none found")
         weights = found[0]
     elif path.is_file():
         weights = path
     else:
-        raise SystemExit(f"--input {path}: no such file or folder")
+        raise UsageError(f"--input {path}: no such file or folder")
     args = weights.parent / "args.pickle"
     return weights, (args if args.is_file() else None)
 
@@ -137,10 +135,7 @@ def edm_settings_from_flags(cfg: Config) -> dict:
 
 def edm_settings_from_args(path: Path) -> dict:
     """EDM's run settings from its args.pickle, checked against what this converter supports."""
-    try:
-        args = read_namespace(path)
-    except TorchFormatError as e:
-        raise SystemExit(f"error: {e}") from e
+    args = read_namespace(path)
     expected = {
         "model": "egnn_dynamics",
         "probabilistic_model": "diffusion",
@@ -151,15 +146,15 @@ def edm_settings_from_args(path: Path) -> dict:
         "sin_embedding": False,
     }
     if not str(args.get("dataset", "qm9")).startswith("qm9"):
-        raise SystemExit(f"{path}: dataset = {args['dataset']!r}; the converter supports QM9 models only")
+        raise UsageError(f"{path}: dataset = {args['dataset']!r}; the converter supports QM9 models only")
     for name, value in expected.items():
         if name in args and args[name] != value:
-            raise SystemExit(f"{path}: {name} = {args[name]!r}; the converter supports {name} = {value!r} only")
+            raise UsageError(f"{path}: {name} = {args[name]!r}; the converter supports {name} = {value!r} only")
     if "normalize_factors" in args and [float(f) for f in args["normalize_factors"]] != [1.0, 4.0, 10.0]:
-        raise SystemExit(f"{path}: normalize_factors = {args['normalize_factors']}; QM9 here uses [1, 4, 10]")
+        raise UsageError(f"{path}: normalize_factors = {args['normalize_factors']}; QM9 here uses [1, 4, 10]")
     schedule = str(args.get("diffusion_noise_schedule", "polynomial_2"))
     if not schedule.startswith("polynomial_"):
-        raise SystemExit(f"{path}: diffusion_noise_schedule = {schedule!r}; expected polynomial_<power>")
+        raise UsageError(f"{path}: diffusion_noise_schedule = {schedule!r}; expected polynomial_<power>")
     settings = dict(args)
     settings["noise_power"] = float(schedule[len("polynomial_") :])
     return settings
@@ -376,11 +371,11 @@ def run_checks(fixture_path: Path, checks: tuple[Check, ...] = CHECKS) -> tuple[
 
 def main(cfg: Config) -> int:
     if cfg.input is None and cfg.check is None:
-        raise SystemExit("nothing to do: give --input IN --output OUT.eqx and/or --check FIXTURE.npz")
+        raise UsageError("nothing to do: give --input IN --output OUT.eqx and/or --check FIXTURE.npz")
     status = 0
     if cfg.input is not None:
         if cfg.output is None:
-            raise SystemExit("--input needs --output OUT.eqx")
+            raise UsageError("--input needs --output OUT.eqx")
         if cfg.input.suffix == ".npz":
             params, settings = read_npz(cfg.input)
             settings = settings or edm_settings_from_flags(cfg)
@@ -393,7 +388,7 @@ def main(cfg: Config) -> int:
             if cfg.check_with_torch:
                 diffs = torch_cross_check(weights, params)
                 if max(diffs.values(), default=0.0) != 0.0:
-                    raise SystemExit(f"{weights}: torch reads different values: {diffs}")
+                    raise UsageError(f"{weights}: torch reads different values: {diffs}")
                 print(json.dumps({"torch_cross_check": "identical", "tensors": len(diffs)}))
         denoiser = convert(params, settings)
         config = header_config(denoiser.net, settings, source)
@@ -407,4 +402,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Config)))
+    sys.exit(cli.run(main, lambda: tyro.cli(Config)))

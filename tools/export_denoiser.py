@@ -14,7 +14,7 @@ from typing import Literal
 
 import tyro
 
-from sde_mol import checkpoint
+from sde_mol import checkpoint, cli
 from sde_mol.configs import load_denoiser, to_dict
 
 
@@ -40,4 +40,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli.run(main, lambda: tyro.cli(Config))
