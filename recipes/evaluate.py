@@ -20,6 +20,7 @@ resolved config.json are written into that folder.
 """
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,6 +100,12 @@ def load(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     if cfg.input is not None:
         positions, atom_types = read_molecules(cfg.input)
         source = str(cfg.input)
+        if not np.any(atom_types == 0):  # index 0 of QM9's decoder is H
+            print(
+                f"warning: {cfg.input} has no hydrogen atoms; EDM's stability counts explicit hydrogens, so every "
+                "heavy atom will score as unstable (write the molecules with explicit H)",
+                file=sys.stderr,
+            )
     else:
         data = load_qm9(cfg.split)
         positions, atom_types, source = data.positions, data.atom_types, f"{cfg.dataset}/{cfg.split}"

@@ -64,8 +64,10 @@ def write_sdf(
     atom_types: NpAtomTypes,
     names: Sequence[str] | None = None,
     atom_decoder: Sequence[str] = ATOM_DECODER,
+    properties: Sequence[dict] | None = None,
 ) -> None:
-    """Write every molecule of the batch into one SDF file (RDKit, unsanitised, bonds = `bond_orders`)."""
+    """Write every molecule of the batch into one SDF file (RDKit, unsanitised, bonds = `bond_orders`);
+    `properties[b]` ({name: value}) become the SDF data fields `> <name>` of record b."""
     orders = bond_orders(positions, atom_types, atom_decoder)
     writer = Chem.SDWriter(str(path))
     writer.SetKekulize(False)
@@ -74,6 +76,8 @@ def write_sdf(
             mol = to_rdkit(positions[b], atom_types[b], orders[b], atom_decoder)
             mol.UpdatePropertyCache(strict=False)  # no sanitisation: invalid molecules are written as they are
             mol.SetProp("_Name", names[b] if names is not None else f"molecule {b}")
+            for name, value in (properties[b] if properties is not None else {}).items():
+                mol.SetProp(name, str(value))
             writer.write(mol)
     finally:
         writer.close()

@@ -168,21 +168,21 @@ def _build(types: np.ndarray, orders: np.ndarray, atom_decoder: Sequence[str]) -
     return mol
 
 
-def _largest_fragment_smiles(mol: Chem.RWMol) -> tuple[bool, str]:
-    """(valid, SMILES of the largest fragment); '' for an invalid molecule (or, as a counted-valid edge case
-    of the reference, a largest fragment that fails its own sanitisation)."""
+def _largest_fragment_smiles(mol: Chem.RWMol) -> tuple[bool, str, bool]:
+    """(valid, SMILES of the largest fragment, connected = valid and one fragment); '' for an invalid molecule
+    (or, as a counted-valid edge case of the reference, a largest fragment that fails its own sanitisation)."""
     try:
         Chem.SanitizeMol(mol)
     except ValueError:  # RDKit's MolSanitizeException and its subclasses are ValueErrors
-        return False, ""
+        return False, "", False
     if len(Chem.GetMolFrags(mol)) == 1:
-        return True, Chem.MolToSmiles(mol)
+        return True, Chem.MolToSmiles(mol), True
     largest = max(Chem.GetMolFrags(mol, asMols=True), key=lambda m: m.GetNumAtoms())
     try:
         Chem.SanitizeMol(largest)
     except ValueError:
-        return True, ""
-    return True, Chem.MolToSmiles(largest)
+        return True, "", False
+    return True, Chem.MolToSmiles(largest), False
 
 
 def _whole_smiles(mol: Chem.RWMol) -> str | None:
@@ -214,13 +214,59 @@ def rdkit_validity(
 ) -> tuple[Bool[np.ndarray, " batch"], list[str]]:
     """Per molecule: RDKit-valid flag and canonical SMILES of the largest fragment ('' if invalid).
     A molecule without atoms is invalid."""
-    return _validity(positions, atom_types, atom_decoder, None)
+    valid, smiles, _ = _validity(positions, atom_types, atom_decoder, None)
+    return valid, smiles
 
 
-def _validity(positions, atom_types, atom_decoder, orders) -> tuple[np.ndarray, list[str]]:
+def _validity(positions, atom_types, atom_decoder, orders) -> tuple[np.ndarray, list[str], np.ndarray]:
     res = _per_molecule(positions, atom_types, atom_decoder, _largest_fragment_smiles, orders)
-    res = [r if r is not None else (False, "") for r in res]
-    return np.array([v for v, _ in res], dtype=bool), [s for _, s in res]
+    res = [r if r is not None else (False, "", False) for r in res]
+    return np.array([r[0] for r in res], dtype=bool), [r[1] for r in res], np.array([r[2] for r in res], dtype=bool)
+
+
+def molecule_table(
+    positions: NpPositions, atom_types: NpAtomTypes, atom_decoder: Sequence[str] = ATOM_DECODER
+) -> dict[str, np.ndarray | list]:
+    """EDM's per-molecule results: `n_atoms`, `n_stable_atoms`, `atom_stable_fraction`, `molecule_stable`,
+    `valid` (RDKit sanitises the whole molecule; EDM's validity), `connected` (valid and a single fragment: EDM's
+    validity counts scattered atoms as valid), `smiles` (largest fragment, '' if invalid). Positions must be
+    finite (see `evaluate`)."""
+    types = _check_types(atom_types, len(atom_decoder))
+    bad = ~np.all(np.isfinite(np.asarray(positions)) | (types < 0)[..., None], axis=(1, 2))
+    if np.any(bad):
+        raise ValueError(
+            f"evaluate: {int(np.sum(bad))} molecule(s) have non-finite positions (first: index "
+            f"{int(np.argmax(bad))}); they are failures, not molecules: drop and count them (evaluate_samples does)"
+        )
+    orders = bond_orders(positions, atom_types, atom_decoder)
+    stab = _stability_from_orders(orders, types, atom_decoder)
+    valid, smiles, connected = _validity(positions, atom_types, atom_decoder, orders)
+    n_atoms = (types >= 0).sum(axis=1)
+    return {
+        "n_atoms": n_atoms,
+        "n_stable_atoms": stab["n_stable_atoms"],
+        "atom_stable_fraction": stab["n_stable_atoms"] / np.maximum(n_atoms, 1),
+        "molecule_stable": stab["mol_stable"],
+        "valid": valid,
+        "connected": connected,
+        "smiles": smiles,
+    }
+
+
+def scores_from_table(
+    table: dict, reference_smiles: set[str] | frozenset[str] | None = None
+) -> dict[str, float | int | None]:
+    """The batch metrics of `molecule_table` rows: n_molecules, atom_stability (pooled over atoms),
+    molecule_stability, validity, connected_validity, uniqueness, valid_and_unique, novelty."""
+    n = len(table["smiles"])
+    total = int(np.sum(table["n_atoms"]))
+    return {
+        "n_molecules": n,
+        "atom_stability": float(np.sum(table["n_stable_atoms"]) / total) if total else 0.0,
+        "molecule_stability": float(np.mean(table["molecule_stable"])) if n else 0.0,
+        **smiles_scores(table["valid"], table["smiles"], reference_smiles),
+        "connected_validity": float(np.mean(table["connected"])) if n else 0.0,
+    }
 
 
 def smiles_scores(
@@ -249,25 +295,11 @@ def evaluate(
     atom_decoder: Sequence[str] = ATOM_DECODER,
 ) -> dict[str, float | int | None]:
     """All EDM sample metrics of a batch: n_molecules, atom_stability, molecule_stability, validity,
-    uniqueness, valid_and_unique, novelty (None when `reference_smiles` is None)."""
-    types = _check_types(atom_types, len(atom_decoder))
-    if types.shape[0] == 0:
+    uniqueness, valid_and_unique, novelty (None when `reference_smiles` is None), and connected_validity (valid
+    and one fragment). Non-finite positions of a real atom are an error."""
+    if np.shape(atom_types)[0] == 0:
         raise ValueError("evaluate: no molecules")
-    bad = ~np.all(np.isfinite(np.asarray(positions)) | (types < 0)[..., None], axis=(1, 2))
-    if np.any(bad):
-        raise ValueError(
-            f"evaluate: {int(np.sum(bad))} molecule(s) have non-finite positions (first: index "
-            f"{int(np.argmax(bad))}); they are failures, not molecules: drop and count them (evaluate_samples does)"
-        )
-    orders = bond_orders(positions, atom_types, atom_decoder)
-    stab = _stability_from_orders(orders, types, atom_decoder)
-    valid, smiles = _validity(positions, atom_types, atom_decoder, orders)
-    return {
-        "n_molecules": int(types.shape[0]),
-        "atom_stability": stab["atom_stability"],
-        "molecule_stability": stab["molecule_stability"],
-        **smiles_scores(valid, smiles, reference_smiles),
-    }
+    return scores_from_table(molecule_table(positions, atom_types, atom_decoder), reference_smiles)
 
 
 def evaluate_samples(
@@ -279,6 +311,7 @@ def evaluate_samples(
     n_bad = int(np.size(keep) - np.count_nonzero(keep))
     if not np.any(keep):
         names = ("atom_stability", "molecule_stability", "validity", "uniqueness", "valid_and_unique", "novelty")
+        names += ("connected_validity",)
         return {"n_molecules": 0, "n_nonfinite": n_bad, **dict.fromkeys(names)}
     scores = evaluate(samples.positions[keep], samples.atom_types[keep], reference_smiles, atom_decoder)
     return {**scores, "n_nonfinite": n_bad}

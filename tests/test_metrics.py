@@ -168,6 +168,12 @@ def test_largest_fragment_uniqueness_novelty():
     assert out["valid_and_unique"] == 0.5
     assert out["novelty"] == 0.5  # of {HCN, methane} only methane is novel
     assert metrics.evaluate(pos, types)["novelty"] is None
+    # connected validity: valid AND one fragment (water + methane is valid for EDM, not connected)
+    table = metrics.molecule_table(pos, types)
+    assert table["connected"].tolist() == [True, True, False, False]
+    assert table["n_atoms"].tolist() == [3, 3, 8, 3] and table["molecule_stable"].tolist() == [True, True, True, False]
+    np.testing.assert_allclose(table["atom_stable_fraction"], [1, 1, 1, 2 / 3])
+    assert out["connected_validity"] == 0.5
 
 
 def test_unsupported_elements_raise():

@@ -1,11 +1,13 @@
 """Recipe smoke tests on tiny configs: train -> resume -> sample (PF-ODE, ancestral, DDIM) -> files + metrics."""
 
+import csv
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from helpers import load_recipe
+from rdkit import Chem
 
 from sde_mol import checkpoint, io
 from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, load_denoiser
@@ -111,6 +113,16 @@ def test_sample_recipe(trained, tmp_path, sampler):
     )
     m = sample.main(cfg)
     assert m["n_molecules"] == 3 and (tmp_path / "samples.xyz").is_file() and (tmp_path / "samples.sdf").is_file()
+    # per-molecule results: SDF data fields (read back by RDKit) and molecules.csv carry the same rows
+    with open(tmp_path / "molecules.csv") as f:
+        rows = list(csv.DictReader(f))
+    records = [mol.GetPropsAsDict() for mol in Chem.SDMolSupplier(str(tmp_path / "samples.sdf"), sanitize=False)]
+    assert [r["index"] for r in rows] == ["0", "1", "2"] and len(records) == 3
+    for row, rec in zip(rows, records, strict=True):
+        assert {k: str(v) for k, v in rec.items()} == row
+        assert row["sampler"] == f"{sampler}/4" and row["seed"] == "0" and int(row["nfe"]) > 0
+    assert sum(int(r["molecule_stable"]) for r in rows) == round(3 * m["molecule_stability"])
+    assert sum(int(r["connected"]) for r in rows) == round(3 * m["connected_validity"])
 
 
 def test_load_denoiser_kinds(trained):

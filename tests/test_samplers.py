@@ -299,6 +299,7 @@ def test_non_finite_molecules_are_flagged_counted_and_never_scored():
         "n_nonfinite": 12,
         **dict.fromkeys(
             ["atom_stability", "molecule_stability", "validity", "uniqueness", "valid_and_unique", "novelty"]
+            + ["connected_validity"]
         ),
     }
 
