@@ -112,6 +112,15 @@ def save(path: str | os.PathLike, tree: Any, *, kind: str, config: dict, step: i
     _fsync_dir(directory)
 
 
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that a killed `save` left in `directory` (`.<name>.eqx.*.tmp`); returns them.
+    Call it only where no other process is writing checkpoints into the folder (a training run's start)."""
+    stale = sorted(Path(directory).glob(".*.eqx.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

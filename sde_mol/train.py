@@ -32,6 +32,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from . import distributed
+from .checkpoint import remove_stale_temp_files
 from .molecule import Molecule
 from .objectives.base import AbstractObjective
 from .typing import Key
@@ -354,6 +355,8 @@ def run_loop(
 
     if main_process:
         _truncate_log(out_dir / "metrics.jsonl", start)
+        for stale in remove_stale_temp_files(out_dir):
+            print(f"removed {stale}, a temp file of an interrupted checkpoint write", flush=True)
 
     def record(obj):
         if main_process:

@@ -45,8 +45,13 @@ def test_train_writes_logs_and_checkpoints(trained):
 
 def test_resume_continues_from_checkpoint(trained):
     train_edm, cfg, out = trained
+    # a killed run: a checkpoint temp file left behind, and rows logged after the last checkpoint (step 4)
+    (out / ".last.eqx.abc123.tmp").write_bytes(b"half a checkpoint")
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
     cfg2 = replace(cfg, resume=out / "last.eqx", train=replace(cfg.train, steps=6))
     train_edm.main(cfg2)
+    assert not list(out.glob(".*.tmp"))
     assert checkpoint.read_header(out / "last.eqx")["step"] == 6
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [2, 4, 6]
