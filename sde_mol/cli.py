@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from .checkpoint import CheckpointError
 from .data.qm9 import QM9FormatError
+from .io import MoleculeFileError
 from .nn.torch_format import TorchFormatError
 
 C = TypeVar("C")
@@ -29,7 +30,15 @@ class UsageError(ValueError):
     """A user's mistake (a flag value, a file): reported as one line `error: ...`, exit status 2."""
 
 
-USER_ERRORS = (UsageError, CheckpointError, TorchFormatError, QM9FormatError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (
+    UsageError,
+    CheckpointError,
+    TorchFormatError,
+    QM9FormatError,
+    MoleculeFileError,
+    FileNotFoundError,
+    NotADirectoryError,
+)
 
 
 def _is_number(v) -> bool:
