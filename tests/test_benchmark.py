@@ -54,3 +54,16 @@ def test_train_section(bench, capsys, tmp_path):
     assert t["padded_mol_per_s"] > 0 and t["buckets_mol_per_s"] > 0 and t["loop"]["steps"] == 4
     assert abs(sum(t["bucket_fractions"].values()) - 1) < 1e-6
     assert t["step_traces"] == 1 + len(t["bucket_fractions"]) - (29 in t["bucket_fractions"])
+
+
+def test_main_job_section(bench, capsys, tmp_path):
+    """recipes/sample.py twice in fresh processes over one empty compilation cache; the ratios are the ratios."""
+    res = _run(bench, capsys, tmp_path, which=("main_job",), main_job_molecules=3, reference_sample_mol_per_s=0.45)
+    job = res["main_job"]
+    first, second = job["runs"]
+    assert (first["run"], second["run"], job["molecules"], job["steps"]) == ("first", "second", 3, 200)
+    for run in job["runs"]:
+        assert run["wall_s"] > 0 and run["wall_mol_per_s"] == pytest.approx(3 / run["wall_s"])
+    assert job["steady_speedup"] == pytest.approx(first["steady_mol_per_s"] / 0.45)
+    assert job["wall_speedup_second_run"] == pytest.approx(second["wall_mol_per_s"] / 0.45)
+    assert job["second_run_saves_s"] == pytest.approx(first["wall_s"] - second["wall_s"])

@@ -11,6 +11,8 @@ Usage:
     python tools/benchmark.py --quick
     # choose: configs, sections, repeats, step counts (fewer steps are extrapolated from a two-point fit)
     python tools/benchmark.py --configs qm9-paper --which sample --ancestral-steps 20 --pf-ode-steps 4
+    # the main job against the reference: recipes/sample.py end to end, first and second (cached) run
+    python tools/benchmark.py --configs qm9-finetune qm9-small --which main_job
     # mixed precision on a GPU (bf16 compute, f32 master weights)
     python tools/benchmark.py --precision bf16
 
@@ -29,6 +31,11 @@ What is measured (batch --batch-size, default 64; real QM9 train-split molecules
   calls (one DDIM step + the final x0 estimate). With fewer steps than the full count, the time is measured
   at n/2 and n steps, the per-step cost is the slope, and the full-count time is EXTRAPOLATED from the
   line (marked "extrapolated" in the table and the JSON).
+* main_job (not in the default sections): `recipes/sample.py` end to end in a fresh process, EDM's ancestral
+  sampler at T = 200 steps on --main-job-molecules molecules in one batch (random weights of the config's
+  shape; speed does not depend on them), run twice over an empty compilation cache: wall-clock of each run
+  (start-up, loading, compilation or cache loading, sampling, scoring) and the recipe's steady molecules/s,
+  against the reference's wall-clock 0.45 mol/s (EDM_REFERENCE_SAMPLING, or --reference-sample-mol-per-s).
 Every number is the median of --repeats timed runs after a warm-up. Compile time is measured separately: for
 training, first call minus the median step; for the rest, an ahead-of-time `.lower(...).compile()` of the
 same jitted function, which also warms the cache. "xla compiles" counts XLA backend compilations (JAX
@@ -66,7 +73,7 @@ from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.train import cast_params, count_params, init_state, make_step, prefetch, to_device
 
 ConfigName = Literal["qm9-paper", "qm9-finetune", "qm9-small"]
-Section = Literal["train", "denoiser", "sample"]
+Section = Literal["train", "denoiser", "sample", "main_job"]
 
 # The presets of recipes/train_edm.py (network and optimiser; the SDE is EDM's default).
 PRESETS: dict[str, tuple[ModelConfig, OptimConfig]] = {
@@ -82,6 +89,9 @@ EDM_REFERENCE = {
     "qm9-finetune": {"train_mol_per_s": 31.7, "denoiser_evals_per_s": 159.6},  # 5 layers x 128
     "qm9-small": {"train_mol_per_s": 85.0, "denoiser_evals_per_s": 413.0},
 }
+# The reference's sampling (the main job): EDM's ancestral sampler at T = 200 steps, 50 molecules from p(M) in
+# one batch, wall-clock of its sampling script on a 2-core CPU (5 layers x 128, the shipped model's shape).
+EDM_REFERENCE_SAMPLING = {"qm9-finetune": {"ancestral_200_mol_per_s": 0.45}}
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -110,6 +120,10 @@ class Config:
     """bf16: network compute in bfloat16 with float32 master weights (meant for GPUs; slow on most CPUs)"""
     donate: bool = True
     """donate the train state to the step (in-place update)"""
+    main_job_molecules: int = 50
+    """main_job: molecules per run of recipes/sample.py (EDM's ancestral sampler, 200 steps, one batch)"""
+    reference_sample_mol_per_s: float | None = None
+    """main_job: the reference's molecules/s to compare with (default: EDM_REFERENCE_SAMPLING where stored)"""
     quick: bool = False
     seed: int = 0
     json_out: Path | None = None
@@ -360,6 +374,57 @@ def bench_sample(spec, r, cfg: Config, log: CompileLog) -> dict:
     return {"samplers": out, **log.since(mark), **memory()}
 
 
+def bench_main_job(name: str, spec: ModelSpec, cfg: Config) -> dict:
+    """The user's main job end to end: `recipes/sample.py` in a fresh process (EDM's ancestral sampler at T = 200
+    steps, --main-job-molecules molecules in one batch) on a checkpoint of this shape, twice over an empty
+    compilation cache: the first run compiles, the second loads the compiled programs. Reports each run's
+    wall-clock (process start to exit) and steady-state molecules/s (the recipe's own, compilation excluded)."""
+    import dataclasses
+    import subprocess
+    import tempfile
+
+    from sde_mol import checkpoint
+    from sde_mol.configs import to_dict
+
+    spec = dataclasses.replace(spec, sde=dataclasses.replace(spec.sde, timesteps=200))
+    n = cfg.main_job_molecules
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model.eqx"
+        checkpoint.save(
+            ckpt, build_denoiser(spec, key=jr.PRNGKey(cfg.seed)), kind="denoiser", config={"spec": to_dict(spec)}
+        )
+        runs = []
+        for run in ("first", "second"):
+            out = Path(tmp) / run
+            cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "recipes" / "sample.py")]
+            cmd += ["--checkpoint", str(ckpt), "--sampler.sampler", "ancestral", "--sampler.steps", "200"]
+            cmd += ["--n-samples", str(n), "--batch-size", str(n), "--no-novelty", "--quiet", "--out-dir", str(out)]
+            env = dict(os.environ, SDE_MOL_COMPILE_CACHE=str(Path(tmp) / "xla"))
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            m = json.loads((out / "metrics.json").read_text())
+            runs.append(
+                {
+                    "run": run,
+                    "wall_s": wall,
+                    "wall_mol_per_s": n / wall,
+                    "steady_mol_per_s": m["molecules_per_second"],
+                    "compile_s": m["compile_seconds"],
+                }
+            )
+    ref = cfg.reference_sample_mol_per_s or EDM_REFERENCE_SAMPLING.get(name, {}).get("ancestral_200_mol_per_s")
+    out = {"molecules": n, "steps": 200, "runs": runs, "second_run_saves_s": runs[0]["wall_s"] - runs[1]["wall_s"]}
+    if ref:
+        out.update(
+            edm_reference_mol_per_s=ref,
+            steady_speedup=runs[0]["steady_mol_per_s"] / ref,
+            wall_speedup_first_run=runs[0]["wall_mol_per_s"] / ref,
+            wall_speedup_second_run=runs[1]["wall_mol_per_s"] / ref,
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -414,6 +479,15 @@ def table(results: dict) -> str:
                     label += f" EXTRAPOLATED from {s['measured_steps']}"
                 comp = s.get("compile_s", None) if not s["extrapolated"] else s["measured"][1]["compile_s"]
                 add(name, label, s["mol_per_s"], "mol/s", None, comp)
+        if "main_job" in res:
+            job = res["main_job"]
+            ref = job.get("edm_reference_mol_per_s")
+            first, second = job["runs"]
+            add(
+                name, f"main job ancestral 200, {job['molecules']} mol, steady", first["steady_mol_per_s"], "mol/s", ref
+            )
+            add(name, "main job, wall-clock, first run", first["wall_mol_per_s"], "mol/s", ref, first["compile_s"])
+            add(name, "main job, wall-clock, second run", second["wall_mol_per_s"], "mol/s", ref, second["compile_s"])
         mem = res.get("memory", {})
         rows.append((name, "peak host RSS so far", f"{mem.get('peak_rss_mib', 0):.0f}", "MiB", "", "", ""))
         if "device_peak_mib" in mem:
@@ -452,6 +526,8 @@ def main(cfg: Config) -> dict:
             res["denoiser"] = bench_denoiser(name, spec, data, r, cfg, log)
         if "sample" in cfg.which:
             res["sample"] = bench_sample(spec, r, cfg, log)
+        if "main_job" in cfg.which:
+            res["main_job"] = bench_main_job(name, spec, cfg)
         res["memory"] = memory()
         results[name] = res
     meta["loadavg_end"] = os.getloadavg()
