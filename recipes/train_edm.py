@@ -241,7 +241,7 @@ def main(cfg: Config) -> None:
         state,
         step_fn,
         lambda start: host_batches(iterator, start),
-        cfg=cfg.train,
+        cfg=cfg.train if cfg.resume is None else dataclasses.replace(cfg.train, eval_at_start=False),
         out_dir=cfg.out_dir,
         save=save,
         evaluate=make_evaluate(cfg, info) if cfg.eval.n_valid or cfg.eval.n_samples else None,
