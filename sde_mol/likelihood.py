@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from .data.qm9 import DatasetInfo
 from .molecule import Molecule, com_dof, com_free_normal, n_real, normal_log_prob, project
+from .sde import require_unit_interval
 from .typing import Key, NodeMask, Scalar
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -101,6 +102,7 @@ def vlb_terms(
 ) -> dict[str, Float[Array, ""]]:
     """Every term of EDM's NLL for one molecule at a given step t_int in 1..T and given noises (eval mode)."""
     sde = denoiser.sde
+    require_unit_interval(sde, "EDM's variational bound (t = t_int / T)")
     T = timesteps
     t = t_int / T
     s = (t_int - 1) / T

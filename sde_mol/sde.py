@@ -149,6 +149,16 @@ class AbstractSDE(eqx.Module):
 # EDM's ancestral quantities, written in gamma as the reference computes them (VP processes only)
 
 
+def require_unit_interval(sde: AbstractSDE, what: str) -> None:
+    """Raise if `sde` does not run on t in [0, 1]: EDM's discrete formulas (t = t_int / T) assume it, and
+    another interval (e.g. `KarrasSDE`, t = sigma) would silently be sampled on the wrong times."""
+    if (sde.t_min, sde.t_max) != (0.0, 1.0):
+        raise ValueError(
+            f"{what} needs an SDE on t in [0, 1]; {type(sde).__name__} runs on [{sde.t_min}, {sde.t_max}] "
+            "(use a continuous-time objective, e.g. ContinuousDenoisingLoss or KarrasLoss)"
+        )
+
+
 def vp_sigma2_t_given_s(gamma_s: Float[Array, "*shape"], gamma_t: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """sigma^2_{t|s} = 1 - alpha_t^2 / alpha_s^2 = -expm1(softplus(gamma_s) - softplus(gamma_t)) (VP)."""
     return -jnp.expm1(jax.nn.softplus(gamma_s) - jax.nn.softplus(gamma_t))

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float
 from ..data.qm9 import DatasetInfo
 from ..likelihood import kl_prior, log_p_xh_given_z0
 from ..molecule import Molecule, com_free_normal, n_real, project
+from ..sde import require_unit_interval
 from ..typing import IntScalar, Key, NodeMask
 from .base import AbstractObjective
 
@@ -57,6 +58,7 @@ class EDMEpsLoss(AbstractObjective):
         """All per-molecule terms for a given step and noise (the fixture's loss_* keys)."""
         model = _with_frozen_sde(model)
         sde = model.sde
+        require_unit_interval(sde, "EDMEpsLoss (EDM's discrete loss, t = t_int / T)")
         T = self.timesteps
         n_pad = mask.shape[0] if self.n_pad is None else self.n_pad
         t = t_int / T

@@ -197,11 +197,13 @@ class ProgressiveDistillation(AbstractObjective):
         k_i, k_eps, k_teacher = jr.split(key, 3)
         n = self.schedule.student_steps(step)
         i = jr.randint(k_i, (), 1, n + 1)
-        # exact grid nodes: integer numerators over traced denominators (true divisions, correctly rounded)
+        # exact grid nodes: integer numerators over traced denominators (true divisions, correctly rounded),
+        # placed on the SDE's own interval (for t in [0, 1] the map is the identity, exactly)
         nf = n.astype(jnp.float32)
-        t = i.astype(jnp.float32) / nf
-        t_mid = (2 * i - 1).astype(jnp.float32) / (2.0 * nf)
-        t_end = (i - 1).astype(jnp.float32) / nf
+        t_lo, t_span = self.sde.t_min, self.sde.t_max - self.sde.t_min
+        t = t_lo + t_span * (i.astype(jnp.float32) / nf)
+        t_mid = t_lo + t_span * ((2 * i - 1).astype(jnp.float32) / (2.0 * nf))
+        t_end = t_lo + t_span * ((i - 1).astype(jnp.float32) / nf)
         alpha_t, sigma_t = self.sde.marginal(t)
         eps = com_free_normal(k_eps, mask, mol.n_feat, mol.positions.dtype)
         z_t = project(alpha_t * mol + sigma_t * eps, mask)
