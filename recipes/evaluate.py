@@ -48,6 +48,7 @@ METRIC_KEYS = (
     "atom_stability",
     "molecule_stability",
     "validity",
+    "connected_validity",
     "uniqueness",
     "valid_and_unique",
     "novelty",

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from helpers import load_recipe, load_tool
 
 from sde_mol.configs import DataConfig, ModelConfig, ModelSpec
 from sde_mol.train import LoopConfig
 
 
+@pytest.mark.slow  # ~100 s: a benchmark and a training run in subprocesses
 def test_dry_run_benchmarks_and_resumes_the_state(tmp_path):
     train_edm = load_recipe("train_edm")
     run = tmp_path / "run"

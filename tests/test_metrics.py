@@ -188,7 +188,7 @@ def test_evaluate_types_and_ranges():
     x, t = hcn()
     out = metrics.evaluate(x[None], t[None], set())
     assert set(out) == {"n_molecules", "atom_stability", "molecule_stability", "validity", "uniqueness",
-                        "valid_and_unique", "novelty"}  # fmt: skip
+                        "valid_and_unique", "novelty", "connected_validity"}  # fmt: skip
     assert type(out["n_molecules"]) is int
     for k, v in out.items():
         if k != "n_molecules":

@@ -1,15 +1,25 @@
 """Convert an EDM (PyTorch reference) QM9 model into an sde_mol checkpoint, and check network parity.
 
 Usage:
-    # the released EDM model (a torch.save'd state dict; needs `pip install torch`)
+    # an EDM run folder: generative_model_ema.npy (a torch.save archive) + args.pickle; torch is NOT needed
+    python tools/convert_edm_checkpoint.py --input ../shared/teachers/edm_qm9_5l128_t200 --output edm_qm9.eqx
     python tools/convert_edm_checkpoint.py --input outputs/edm_qm9/generative_model_ema.npy --output edm_qm9.eqx
+    # a state dict without args.pickle beside it: give the network's settings as flags
     python tools/convert_edm_checkpoint.py --input sd.pt --nf 192 --n-layers 9 --output small.eqx
+    # cross-check our reader against torch.load (needs torch)
+    python tools/convert_edm_checkpoint.py --input run_folder --output x.eqx --check-with-torch
     # an npz with `param/<state-dict key>` arrays and an optional `config_json` (like the parity fixture)
     python tools/convert_edm_checkpoint.py --input tests/data/edm_parity_small.npz --output fixture.eqx
     # recompute the fixture's stored network outputs; prints max abs errors as JSON, exit status 1 if any
     # error exceeds its tolerance (1e-5 float32, 1e-9 float64)
     python tools/convert_edm_checkpoint.py --check tests/data/edm_parity_small.npz
 
+The torch archive and args.pickle are read by restricted unpicklers (sde_mol/nn/torch_format.py): only the
+globals a state dict or a Namespace needs are resolved, anything else is refused and no pickled code runs.
+Settings come from args.pickle (nf, n_layers, inv_sublayers, attention, tanh, norm_constant,
+normalization_factor, aggregation_method, condition_time, diffusion_steps, the polynomial_<p> schedule and its
+precision); what this converter cannot represent (remove_h, no charges, other normalize_factors, conditioning,
+sin_embedding, a non-QM9 dataset, a non-polynomial schedule) is refused with the file and the setting named.
 The output is a `kind="denoiser"` checkpoint holding `EpsDenoiser(EGNN, DiscreteVPSDE)` (the gamma table is the
 state dict's `gamma.gamma` when present). Its header config holds `spec` (the `configs.ModelSpec` dict: model,
 sde, denoiser, dataset), `egnn` (the EGNN keyword arguments, n_feat included) and `source`.
