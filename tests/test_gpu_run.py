@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from helpers import load_recipe, load_tool
 
 from sde_mol.configs import DataConfig, ModelConfig, ModelSpec
