@@ -459,15 +459,27 @@ def capacities(sizes: np.ndarray, info: DatasetInfo, buckets: tuple[int, ...] | 
     return caps[np.searchsorted(caps, sizes)]
 
 
+PARTIAL_BATCH_MULTIPLE = 8
+"""A bucket's last, partial chunk is padded to a multiple of this (not to the full batch size): sampling 50
+molecules in 4 buckets at batch size 50 would otherwise run 200 slots for 50 molecules. One extra compilation
+per bucket at most (cached on disk by the recipes), against up to a whole wasted batch per bucket."""
+
+
+def _chunk_width(k: int, batch_size: int) -> int:
+    """The padded batch of a chunk of k molecules: the batch size, or for a partial chunk the next multiple of
+    PARTIAL_BATCH_MULTIPLE (at most the batch size)."""
+    return min(batch_size, -(-k // PARTIAL_BATCH_MULTIPLE) * PARTIAL_BATCH_MULTIPLE)
+
+
 def _chunks(n: int, info: DatasetInfo, key: Key, batch_size: int, start: int, buckets):
-    """(rows, indices, sizes, capacity) per compiled call; each chunk is filled up to `batch_size`."""
+    """(rows, indices, sizes, capacity) per compiled call; each chunk is filled up to `_chunk_width`."""
     sizes = draw_sizes(n, info, key=key, start=start)
     caps = capacities(sizes, info, buckets)
     for cap in np.unique(caps):
         rows = np.nonzero(caps == cap)[0]
         for lo in range(0, len(rows), batch_size):
             chunk = rows[lo : lo + batch_size]
-            filled = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
+            filled = np.concatenate([chunk, np.repeat(chunk[-1:], _chunk_width(len(chunk), batch_size) - len(chunk))])
             yield chunk, filled + start, sizes[filled], int(cap)
 
 
@@ -482,12 +494,11 @@ def compile_sampler(
     buckets: tuple[int, ...] | None = None,
 ) -> None:
     """Compile ahead of time every batch function that `sample_molecules` with the same arguments will call
-    (one per width used), so that a following `sample_molecules` runs at steady-state speed."""
-    widths = np.unique(capacities(draw_sizes(n, info, key=key, start=start), info, buckets))
-    index = jnp.arange(batch_size, dtype=jnp.int32)
-    for cap in widths:
-        sizes = jnp.full((batch_size,), int(cap), jnp.int32)
-        _sample_batch.lower(index, sizes, sampler_fn, key, info, int(cap)).compile()
+    (one per width and padded batch used), so that a following `sample_molecules` runs at steady-state speed."""
+    shapes = {(len(index), cap) for _, index, _, cap in _chunks(n, info, key, batch_size, start, buckets)}
+    for b, cap in sorted(shapes):
+        index, sizes = jnp.arange(b, dtype=jnp.int32), jnp.full((b,), cap, jnp.int32)
+        _sample_batch.lower(index, sizes, sampler_fn, key, info, cap).compile()
 
 
 def sample_molecules(
@@ -505,7 +516,8 @@ def sample_molecules(
 
     Molecule i uses `jr.fold_in(key, i)` only, so it is the same for every batch size and every `start`
     (sampling 0..b-1 then b..n-1 gives the same n molecules as 0..n-1 at once). Batches have a fixed shape
-    (the last one is filled up and trimmed), so sampling compiles once per batch size and sampler. Pass
+    (a partial last one is filled up to a multiple of 8 and trimmed), so sampling compiles once per batch shape
+    and sampler. Pass
     `sampler_fn` as an `eqx.Partial` (e.g. `eqx.Partial(pf_ode_sample, denoiser, sde, n_feat=6)`) so that
     model weights are traced arguments rather than constants baked into the compiled program.
 

@@ -304,6 +304,20 @@ def test_non_finite_molecules_are_flagged_counted_and_never_scored():
     }
 
 
+def test_partial_chunks_are_padded_to_a_multiple_of_8_not_the_batch_size():
+    """50 molecules in 4 buckets at batch size 50: each bucket's chunk holds its molecules padded to the next
+    multiple of 8 (at most 50 slots in all but 4 * 7), every molecule exactly once."""
+    from sde_mol.samplers import _chunks
+
+    chunks = list(_chunks(50, INFO, jr.key(0), 50, 0, (17, 20, 23, 29)))
+    rows = np.concatenate([c[0] for c in chunks])
+    assert sorted(rows.tolist()) == list(range(50))
+    for chunk, index, sizes, cap in chunks:
+        assert len(index) == len(sizes) == -(-len(chunk) // 8) * 8 and np.all(sizes <= cap)
+    full = list(_chunks(100, INFO, jr.key(0), 8, 0, (29,)))
+    assert all(len(c[1]) == 8 for c in full)  # full chunks keep the batch size
+
+
 def test_bucketed_sampling_uses_the_smallest_width_and_is_batch_size_independent():
     zeros = Molecule(jnp.zeros((INFO.max_n_atoms, 3)), jnp.zeros((INFO.max_n_atoms, INFO.n_feat)))
     widths = []
