@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,7 +69,7 @@ def curve(metrics_jsonl: Path, /, out: Path = Path("curve.png")) -> Path:
 def tradeoff(metrics_json: list[Path], /, out: Path = Path("tradeoff.png")) -> Path:
     """Atom / molecule stability and validity against NFE (log x), molecules/s on a second axis."""
     runs = [json.loads(Path(p).read_text()) for p in metrics_json]
-    several = len({r.get("checkpoint") for r in runs}) > 1
+    several = len({Path(str(r.get("checkpoint"))).name for r in runs}) > 1
     methods = defaultdict(list)
     for r in runs:
         name = r["sampler"]["sampler"] + (f" ({Path(r['checkpoint']).stem})" if several else "")
@@ -81,11 +82,13 @@ def tradeoff(metrics_json: list[Path], /, out: Path = Path("tradeoff.png")) -> P
             ax.plot(nfe, [100 * r[key] for r in rs], "o-", color=color, label=name)
             speed = ax.twinx() if not hasattr(ax, "_speed") else ax._speed
             ax._speed = speed
-            speed.plot(nfe, [r["molecules_per_second"] for r in rs], "--", color=color, alpha=0.5)
+            speed.plot(nfe, [r["molecules_per_second"] for r in rs], "x--", color=color, alpha=0.5)
             speed.set_yscale("log")
             speed.set_ylabel("molecules/s (dashed)")
     for ax, key in zip(axes, ("atom stability %", "molecule stability %", "validity %"), strict=True):
-        ax.set(xscale="log", xlabel="NFE", ylabel=key)
+        ax.set(xscale="log", xlabel="NFE (log)", ylabel=key)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=7)
     return _save(fig, out)
 
