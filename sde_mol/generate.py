@@ -10,6 +10,7 @@ it (or, with a single batch, on a second timed call of the compiled sampler on o
 """
 
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -23,7 +24,15 @@ import numpy as np
 from . import checkpoint, io, latent, metrics
 from .cli import UsageError
 from .compile_cache import enable_compile_cache
-from .configs import SamplerConfig, build_sampler, continuous_teacher, dataset_info, load_denoiser, to_dict
+from .configs import (
+    SamplerConfig,
+    build_sampler,
+    continuous_teacher,
+    dataset_info,
+    from_dict,
+    load_denoiser,
+    to_dict,
+)
 from .samplers import compile_sampler, sample_molecules
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "edm_qm9_base.eqx"
@@ -86,6 +95,11 @@ def generate(cfg: GenerateConfig) -> dict:
     enable_compile_cache(cfg.compile_cache)
     if not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist (train one with recipes/train_edm.py)")
+    own = own_sampler(checkpoint.read_header(Path(cfg.checkpoint)))
+    if own is not None and cfg.sampler == RECOMMENDED_SAMPLER:  # no sampler flags: the student's own sampler
+        print(f"sampling with the checkpoint's own sampler: {own.sampler}, {own.steps} steps, eta {own.eta}")
+        cfg = dataclasses.replace(cfg, sampler=own)
+        resolved = to_dict(cfg)
     if latent.is_latent(checkpoint.read_header(Path(cfg.checkpoint))):  # sample latents, decode them
         if cfg.continuous_time:
             raise UsageError(f"--continuous-time: {cfg.checkpoint} is a latent model; its SDE is already continuous")
@@ -181,6 +195,21 @@ def default_out_dir(cfg: GenerateConfig) -> Path:
     """samples/<sampler>_<steps>[_twin]: runs of different samplers do not overwrite each other."""
     twin = "_twin" if cfg.continuous_time else ""
     return Path("samples") / f"{cfg.sampler.sampler}_{cfg.sampler.steps}{twin}"
+
+
+def own_sampler(header: dict) -> SamplerConfig | None:
+    """The sampler a distilled checkpoint was trained for (header entry "distillation" of a progressive student,
+    "consistency" of a consistency model), or None for a plain denoiser."""
+    config = header["config"]
+    own = config.get("consistency", config.get("distillation", {})).get("sampler")
+    if own is None:
+        return None
+    if isinstance(own, dict) and {"sampler", "steps"} <= set(own):
+        keep = {f.name for f in dataclasses.fields(SamplerConfig)}
+        return from_dict(
+            SamplerConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in own.items() if k in keep}
+        )
+    return None
 
 
 def _check_distilled_sampler(header: dict, sampler: SamplerConfig) -> None:

@@ -1,6 +1,7 @@
 """sde_mol/cli.py: every recipe and tool checks its arguments before any work; a user's mistake is one line
 `error: ...` on stderr naming the flag or file, exit status 2, and nothing is written."""
 
+import equinox as eqx
 import numpy as np
 import pytest
 import tyro
@@ -17,10 +18,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     (d / "garbage.eqx").write_bytes(b"this is not a checkpoint\n")
     (d / "a_file").write_text("x")
-    den, spec, header = load_denoiser(SMALL)
-    den = den.__class__(den.net, den.sde)
-    import equinox as eqx
-
+    den, _, header = load_denoiser(SMALL)
     bad = eqx.tree_at(lambda m: m.net.embedding.weight, den, replace_fn=lambda w: w.at[0, 0].set(np.inf))
     checkpoint.save(d / "inf.eqx", bad, kind="denoiser", config=header["config"], step=1)
     return d

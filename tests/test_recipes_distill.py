@@ -92,6 +92,13 @@ def test_progressive_distill_real_checkpoint(tiny_teacher, tmp_path):
     )
     assert student.net.embedding.weight.shape == teacher.net.embedding.weight.shape
     assert not np.array_equal(student.net.embedding.weight, teacher.net.embedding.weight)
+    # recipes/sample.py with no sampler flags samples a student with its own sampler (DDIM, 2 steps)
+    sample = _recipe("sample")
+    out = sample.main(
+        sample.GenerateConfig(tmp_path / "student_2steps.eqx", n_samples=3, batch_size=3, buckets=(), novelty=False,
+                              out_dir=tmp_path / "own", quiet=True)
+    )  # fmt: skip
+    assert out["sampler"]["sampler"] == "ddim" and out["sampler"]["steps"] == 2 and out["nfe"] == 3
 
 
 def test_progressive_distill_continuous_time_goes_past_the_discrete_table(tiny_teacher, tmp_path):
