@@ -46,13 +46,16 @@ class Config:
     buckets: tuple[int, ...] = (17, 20, 23, 29)
     """size buckets: each molecule is sampled at the smallest width that holds it (empty: full width)"""
     seed: int = 0
-    out_dir: Path = Path("samples/pf_ode")
+    out_dir: Path | None = None
+    """where samples.sdf and metrics.json go; default samples/pf_ode_<steps>"""
     format: Literal["sdf", "xyz", "both"] = "sdf"
     novelty: bool = True
     compile_cache: bool = True
     """use JAX's persistent compilation cache: a second run skips compilation"""
     quiet: bool = False
     """no progress bar"""
+    overwrite: bool = False
+    """replace the outputs of an earlier run in --out-dir (refused without it)"""
     dry_run: bool = False
 
 
@@ -82,6 +85,7 @@ def main(cfg: Config) -> dict:
             novelty=cfg.novelty,
             compile_cache=cfg.compile_cache,
             quiet=cfg.quiet,
+            overwrite=cfg.overwrite,
             dry_run=cfg.dry_run,
         )
     )

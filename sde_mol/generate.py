@@ -65,7 +65,12 @@ class GenerateConfig:
     """use JAX's persistent compilation cache (sde_mol/compile_cache.py): a second run skips compilation"""
     quiet: bool = False
     """no progress bar"""
+    overwrite: bool = False
+    """replace the outputs of an earlier run in --out-dir (refused without it)"""
     dry_run: bool = False
+
+
+OUTPUT_FILES = ("samples.sdf", "samples.xyz", "molecules.csv", "metrics.json", "config.json")
 
 
 def _timed_sampling(cfg: GenerateConfig, sampler_fn, info):
@@ -92,6 +97,13 @@ def generate(cfg: GenerateConfig) -> dict:
     print(json.dumps(resolved, indent=2, default=str))
     if cfg.dry_run:
         return {}
+    out = default_out_dir(cfg) if cfg.out_dir is None else Path(cfg.out_dir)
+    earlier = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if earlier and not cfg.overwrite:
+        raise UsageError(
+            f"--out-dir {out} already holds {', '.join(earlier)} of an earlier run; pass --overwrite to replace "
+            "them, or choose another --out-dir"
+        )
     enable_compile_cache(cfg.compile_cache)
     if not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist (train one with recipes/train_edm.py)")
@@ -116,6 +128,8 @@ def generate(cfg: GenerateConfig) -> dict:
     samples, timing = _timed_sampling(cfg, sampler_fn, info)
     out = default_out_dir(cfg) if cfg.out_dir is None else Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in earlier:  # --overwrite: no file of the earlier run stays beside the new ones
+        (out / name).unlink()
     keep = samples.finite
     n_bad = int(np.size(keep) - np.count_nonzero(keep))
     if n_bad:

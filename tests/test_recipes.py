@@ -10,6 +10,7 @@ from helpers import load_recipe
 from rdkit import Chem
 
 from sde_mol import checkpoint, io
+from sde_mol.cli import UsageError
 from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, load_denoiser
 from sde_mol.train import LoopConfig
 
@@ -100,6 +101,13 @@ def test_pf_ode_sample_recipe(trained, tmp_path):
     assert res["checkpoint_step"] == checkpoint.read_header(out / "last.eqx")["step"]
     pos, types = io.read_molecules(tmp_path / "samples.sdf")
     assert pos.shape[0] == 6 and types.shape[0] == 6
+    # a second run into the same folder is refused (nothing lost), and replaces the first with --overwrite
+    again = pf.Config(checkpoint=out / "last.eqx", steps=2, n_samples=4, batch_size=4, out_dir=tmp_path, novelty=False)
+    with pytest.raises(UsageError, match=r"already holds samples.sdf, molecules.csv, metrics.json, config.json"):
+        pf.main(again)
+    assert io.read_molecules(tmp_path / "samples.sdf")[0].shape[0] == 6
+    pf.main(replace(again, overwrite=True))
+    assert io.read_molecules(tmp_path / "samples.sdf")[0].shape[0] == 4
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim", "reverse_sde"])
