@@ -27,9 +27,8 @@ from jaxtyping import Array, Float
 
 from .molecule import Molecule, project
 from .sde import AbstractSDE
-from .typing import NodeMask, Scalar
+from .typing import NodeMask, Real, Scalar
 
-Real = Float[Array, ""]
 Network = Callable[..., tuple[Float[Array, "n_atoms 3"], Float[Array, "n_atoms n_feat"]]]
 
 

@@ -30,9 +30,8 @@ from jaxtyping import Array, Float
 
 from .molecule import Molecule, com_free_normal, normal_log_prob, project
 from .schedules import edm_gamma_table
-from .typing import Key, NodeMask, Scalar
+from .typing import Key, NodeMask, Real, Scalar
 
-Real = Float[Array, ""]
 Denoiser = Callable[..., Molecule]  # (t, z, mask) -> x0 estimate; any AbstractDenoiser
 
 

@@ -16,6 +16,7 @@ Positions: TypeAlias = Float[Array, "n_atoms 3"]
 Features: TypeAlias = Float[Array, "n_atoms n_feat"]
 NodeMask: TypeAlias = Bool[Array, " n_atoms"]
 EdgeMask: TypeAlias = Bool[Array, "n_atoms n_atoms"]
+Real: TypeAlias = Float[Array, ""]
 Scalar: TypeAlias = Float[Array, ""] | float
 IntScalar: TypeAlias = Int[Array, ""] | int
 Key: TypeAlias = PRNGKeyArray

@@ -56,17 +56,16 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jax.scipy.special import ndtr, ndtri
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from ..denoisers import TRUNCATION_RTOL, AbstractDenoiser
 from ..molecule import Molecule, com_free_normal, project, state_dim
 from ..schedules import karras_index, karras_sigma
 from ..sde import AbstractSDE
 from ..terms import pf_ode_term, teacher_step
-from ..typing import IntScalar, Key, NodeMask, Scalar
+from ..typing import IntScalar, Key, NodeMask, Real, Scalar
 from .base import AbstractObjective
 
-Real = Float[Array, ""]
 Curriculum = Callable[..., Int[Array, ""]]  # step -> N(step), e.g. eqx.Partial(schedules.ict_n, total_steps=K)
 
 

@@ -52,17 +52,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from ..denoisers import AbstractDenoiser
 from ..molecule import Molecule, com_free_normal, project, state_dim
 from ..samplers import ddim_step
 from ..sde import AbstractSDE
-from ..typing import IntScalar, Key, NodeMask, Scalar
+from ..typing import IntScalar, Key, NodeMask, Real, Scalar
 from .base import AbstractObjective
-
-Real = Float[Array, ""]
-
 
 # --- the halving schedule --------------------------------------------------------------------------------
 
