@@ -361,7 +361,7 @@ def run_loop(
     def record(obj):
         if main_process:
             with open(out_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(obj) + "\n")
+                log.write(json.dumps(_jsonable(obj), allow_nan=False) + "\n")
 
     def checkpoint(name, st):
         if main_process:
@@ -389,8 +389,13 @@ def run_loop(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 aux = {k: float(v) for k, v in aux.items()}
                 if not math.isfinite(aux["loss"]):
+                    _report_divergence(out_dir, step, aux, main_process)
                     checkpoint("nan_state.eqx", state)
-                    raise FloatingPointError(f"loss is {aux['loss']} at step {step}; state saved to nan_state.eqx")
+                    raise FloatingPointError(
+                        f"loss is {aux['loss']} at step {step}: see {out_dir / 'nan_report.json'}; the last good "
+                        f"state is {out_dir / 'last.eqx'} (the diverged one: nan_state.eqx, load it with "
+                        "allow_nonfinite=True)"
+                    )
                 eta_budget = None if deadline is None else deadline - time.perf_counter()
                 line, sps = _progress_line(step, cfg.steps, t_start, start, batch_size, aux, eta_budget)
                 if main_process:
@@ -413,6 +418,28 @@ def run_loop(
         if isinstance(it, Prefetch):
             it.close()
     return state
+
+
+def _json_number(v: float) -> float | str:
+    """A float as JSON allows it: NaN and infinities become the strings "nan", "inf", "-inf"."""
+    return v if math.isfinite(v) else str(v)
+
+
+def _jsonable(obj):
+    """`obj` (nested dicts of numbers) with every non-finite float as a string: metrics.jsonl stays strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return _json_number(obj) if isinstance(obj, float) else obj
+
+
+def _report_divergence(out_dir: Path, step: int, aux: dict[str, float], main_process: bool) -> None:
+    """nan_report.json (valid JSON: non-finite numbers as strings) and a metrics.jsonl row for the step at
+    which the loss stopped being finite; last.eqx keeps the last good state."""
+    report = _jsonable({"step": step, "time": time.time(), "diverged": True, **aux})
+    if main_process:
+        (out_dir / "nan_report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+        with open(out_dir / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(report, allow_nan=False) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:

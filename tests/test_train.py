@@ -227,3 +227,35 @@ def test_warmup_cosine_schedule_reaches_its_end_lr():
     np.testing.assert_allclose(sizes[2], 1.0, rtol=1e-4)
     np.testing.assert_allclose(sizes[6:], [0.1, 0.1], rtol=1e-4)
     assert sizes[3] > sizes[4] > sizes[5] > 0.1
+
+
+def test_a_diverging_loss_leaves_valid_json_and_the_last_good_state(tmp_path):
+    """The NaN guard: the loss turns NaN at step 3; nan_report.json and every metrics.jsonl row are strict JSON
+    (NaN as the string "nan"), last.eqx keeps the step-2 state, the diverged one goes to nan_state.eqx."""
+    import json
+
+    from sde_mol.train import LoopConfig, run_loop
+
+    def step_fn(state, batch, key):
+        step = state.step + 1
+        loss = jnp.where(step >= 3, jnp.nan, 1.0 / step)
+        return TrainState({}, {}, None, (), step), {"loss": loss, "grad_norm": jnp.inf}
+
+    saved = {}
+
+    def save(path, st):
+        saved[path.name] = int(st.step)
+        path.write_text(str(int(st.step)))
+
+    cfg = LoopConfig(steps=10, log_every=1, ckpt_every=2, eval_every=100, prefetch=0)
+    state = TrainState({}, {}, None, (), jnp.array(0, jnp.int32))
+    batches = lambda start: iter(lambda: (None,), 0)  # noqa: E731  endless dummy batches
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3: see .*nan_report.json; the last good"):
+        run_loop(state, step_fn, batches, cfg=cfg, out_dir=tmp_path, save=save, batch_size=1, to_device=lambda b: b)
+    report = json.loads((tmp_path / "nan_report.json").read_text(), parse_constant=pytest.fail)
+    assert report["step"] == 3 and report["loss"] == "nan" and report["grad_norm"] == "inf"
+    rows = [
+        json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["diverged"]
+    assert saved == {"last.eqx": 2, "nan_state.eqx": 3}
