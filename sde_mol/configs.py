@@ -315,6 +315,13 @@ def build_sampler(cfg: SamplerConfig, denoiser, n_feat: int):
     from . import samplers
 
     sde = denoiser.sde
+    if cfg.sampler in ("ancestral", "ddim") and isinstance(sde, DiscreteVPSDE) and cfg.steps > sde.n_timesteps:
+        from .cli import UsageError  # the command-line edge's error type (cli imports configs' neighbours only)
+
+        raise UsageError(
+            f"--sampler.steps {cfg.steps}: {cfg.sampler} on EDM's discrete table needs at most its T = "
+            f"{sde.n_timesteps} steps (two steps would share a table entry); use --continuous-time for more"
+        )
     if cfg.sampler == "consistency":
         return eqx.Partial(samplers.consistency_sample, denoiser, sde, n_feat=n_feat, ts=consistency_times_of(cfg, sde))
     common = dict(n_feat=n_feat, grid=cfg.grid, rho=cfg.rho)
