@@ -17,6 +17,7 @@ import jax.random as jr
 import numpy as np
 
 from . import checkpoint
+from .cli import UsageError
 from .data.qm9 import DatasetInfo, qm9_info
 from .denoisers import (
     AbstractDenoiser,
@@ -316,8 +317,6 @@ def build_sampler(cfg: SamplerConfig, denoiser, n_feat: int):
 
     sde = denoiser.sde
     if cfg.sampler in ("ancestral", "ddim") and isinstance(sde, DiscreteVPSDE) and cfg.steps > sde.n_timesteps:
-        from .cli import UsageError  # the command-line edge's error type (cli imports configs' neighbours only)
-
         raise UsageError(
             f"--sampler.steps {cfg.steps}: {cfg.sampler} on EDM's discrete table needs at most its T = "
             f"{sde.n_timesteps} steps (two steps would share a table entry); use --continuous-time for more"
