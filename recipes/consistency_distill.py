@@ -4,7 +4,7 @@ samples in 1, 2 or 4 network evaluations.
 The teacher's PF-ODE step is the same diffrax solver (--solver euler | heun) that pf_ode_sample.py integrates
 with. EDM checkpoints use EDM's discrete schedule (DiscreteVPSDE), which is piecewise constant in time; CD runs on
 its continuous twin (PolynomialVPSDE, the same schedule): the teacher's network is wrapped with it and the
-student lives on it (see sde_mol/consistency_recipe.py). By default a checkpoint's student starts from the
+student lives on it (see sde_mol/run/recipe.py). By default a checkpoint's student starts from the
 teacher's weights (ECT, Geng et al. 2024): an eps teacher gives an EpsConsistencyFunction. --init scratch (and
 every oracle teacher) trains a ConsistencyFunction on a new network from --spec.
 
@@ -34,8 +34,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, cli, consistency_recipe as cr
-from sde_mol.configs import (
+from sde_mol import checkpoint, cli
+from sde_mol.data.fixed import fixed_molecules
+from sde_mol.latent import is_latent
+from sde_mol.objectives.consistency import TeacherStep
+from sde_mol.run import recipe as cr
+from sde_mol.run.build import build_consistency_loss, build_denoiser, continuous_teacher, solver_from_name
+from sde_mol.run.configs import (
     ConsistencyLossConfig,
     DataConfig,
     DenoiserConfig,
@@ -43,18 +48,13 @@ from sde_mol.configs import (
     ModelSpec,
     OptimConfig,
     SDEConfig,
-    build_consistency_loss,
-    build_denoiser,
-    continuous_teacher,
-    load_denoiser,
     to_dict,
 )
-from sde_mol.generate import DEFAULT_CHECKPOINT
-from sde_mol.latent import is_latent
-from sde_mol.objectives.consistency import TeacherStep
+from sde_mol.run.load import load_denoiser
 from sde_mol.schedules import constant_n
-from sde_mol.terms import solver_from_name
-from sde_mol.train import LoopConfig
+from sde_mol.training.loop import LoopConfig
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def teacher_and_student(cfg: Config):
         spec = cfg.spec
         cr.check_student_spec(spec)
         student = build_denoiser(spec, key=jr.PRNGKey(cfg.init_seed))
-        teacher, batches = cr.fixed_molecules(
-            n, cfg.oracle_atoms, cfg.oracle_rotations, student.sde, seed=cfg.init_seed,
+        teacher, batches = fixed_molecules(
+            n, cfg.oracle_atoms, student.sde, rotations=cfg.oracle_rotations, seed=cfg.init_seed,
             batch_size=cfg.data.batch_size, data_seed=cfg.train.seed,
         )  # fmt: skip
         return teacher, student, spec, batches

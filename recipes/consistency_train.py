@@ -34,8 +34,12 @@ import equinox as eqx
 import jax.random as jr
 import tyro
 
-from sde_mol import cli, consistency_recipe as cr, schedules
-from sde_mol.configs import (
+from sde_mol import cli, schedules
+from sde_mol.data.fixed import fixed_molecules
+from sde_mol.objectives.consistency import UnbiasedEstimator
+from sde_mol.run import recipe as cr
+from sde_mol.run.build import build_consistency_loss, build_denoiser, continuous_teacher
+from sde_mol.run.configs import (
     ConsistencyLossConfig,
     DataConfig,
     DenoiserConfig,
@@ -43,14 +47,10 @@ from sde_mol.configs import (
     ModelSpec,
     OptimConfig,
     SDEConfig,
-    build_consistency_loss,
-    build_denoiser,
-    continuous_teacher,
-    load_denoiser,
     to_dict,
 )
-from sde_mol.objectives.consistency import UnbiasedEstimator
-from sde_mol.train import LoopConfig
+from sde_mol.run.load import load_denoiser
+from sde_mol.training.loop import LoopConfig
 
 # (s0, s1) of N(k) per curriculum: ict_n's 10 -> 1280 (N = s + 1), song_ct_n's 2 -> 150
 CURRICULUM_DEFAULTS = {"ict": (10, 1280), "song": (2, 150)}
@@ -131,8 +131,8 @@ def setup(cfg: Config):
         student = build_denoiser(spec, key=jr.PRNGKey(cfg.init_seed))
     n = cr.parse_count(cfg.molecules, "fixed", "--molecules")
     if n is not None:
-        _, batches = cr.fixed_molecules(
-            n, cfg.fixed_atoms, cfg.fixed_rotations, student.sde, seed=cfg.init_seed,
+        _, batches = fixed_molecules(
+            n, cfg.fixed_atoms, student.sde, rotations=cfg.fixed_rotations, seed=cfg.init_seed,
             batch_size=cfg.data.batch_size, data_seed=cfg.train.seed,
         )  # fmt: skip
     elif cfg.molecules == "qm9":
@@ -149,7 +149,7 @@ def main(cfg: Config) -> dict:
     n_points, with_target, mu, s0, s1 = curriculum(cfg)
     student, spec, batches, boundary = setup(cfg)
     cut = None if boundary is None else cfg.truncation_sigma
-    estimator = UnbiasedEstimator(student.sde)
+    estimator = UnbiasedEstimator()
     objective = build_consistency_loss(cfg.loss, estimator, n_points, boundary=boundary, boundary_sigma=cut)
     settings = {"curriculum": cfg.curriculum, "s0": s0, "s1": s1, "total_steps": cfg.train.steps}
     return cr.train(

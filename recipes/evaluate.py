@@ -36,13 +36,14 @@ import tyro
 
 import sde_mol
 from sde_mol import cli
-from sde_mol.configs import dataset_info, load_denoiser
 from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.io import read_molecules
 from sde_mol.likelihood import vlb_nll
 from sde_mol.metrics import evaluate, train_smiles
 from sde_mol.molecule import Molecule
+from sde_mol.run.build import dataset_info
+from sde_mol.run.load import load_denoiser
 
 METRIC_KEYS = (
     "atom_stability",

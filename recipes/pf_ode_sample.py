@@ -18,8 +18,10 @@ from typing import Literal
 import tyro
 
 from sde_mol import cli
-from sde_mol.configs import SamplerConfig
-from sde_mol.generate import DEFAULT_CHECKPOINT, GenerateConfig, generate
+from sde_mol.run.configs import SamplerConfig
+from sde_mol.run.sample import GenerateConfig, generate
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
 
 
 @dataclass(frozen=True)

@@ -33,49 +33,27 @@ from pathlib import Path
 from typing import Literal
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 import optax
 import tyro
 
 from sde_mol import checkpoint, cli, metrics
-from sde_mol.configs import (
-    DataConfig,
-    DenoiserConfig,
-    ModelConfig,
-    ModelSpec,
-    OptimConfig,
-    SamplerConfig,
-    build_denoiser,
-    build_sampler,
-    continuous_teacher,
-    dataset_info,
-    load_denoiser,
-    optimizer_from,
-    to_dict,
-)
-from sde_mol.data.loader import Batch, BatchIterator, encode_split
+from sde_mol.data.fixed import fixed_molecules
+from sde_mol.data.loader import BatchIterator
 from sde_mol.data.qm9 import load_qm9
-from sde_mol.generate import DEFAULT_CHECKPOINT
 from sde_mol.latent import LatentObjective, LatentSampler, is_latent, load_latent
-from sde_mol.molecule import Molecule
 from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation
-from sde_mol.oracle import OracleDenoiser, rotation_augmented
+from sde_mol.run.build import build_denoiser, build_sampler, continuous_teacher, dataset_info, optimizer_from
+from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, to_dict
+from sde_mol.run.load import load_denoiser
 from sde_mol.samplers import sample_molecules
-from sde_mol.sde import DiscreteVPSDE
-from sde_mol.train import (
-    LoopConfig,
-    compute_dtype_from,
-    count_params,
-    host_batches,
-    init_state,
-    make_step,
-    run_loop,
-    to_device as batch_to_device,
-)
+from sde_mol.training.loop import LoopConfig, run_loop
+from sde_mol.training.prefetch import host_batches, to_device as batch_to_device
+from sde_mol.training.state import compute_dtype_from, count_params, init_state, make_step
 
 ETA = {"ddim": 0.0, "ddpm": 1.0}
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
 
 
 @dataclass(frozen=True)
@@ -96,7 +74,7 @@ class Config:
     Lacombe & Vaidya's 'as if deterministic'), or ddpm (an ancestral student: sample it with --sampler.eta 1)"""
     continuous_time: bool = False
     """run the teacher (and so its student copies) on the continuous twin of a discrete schedule (EDM's
-    vp_discrete -> vp_polynomial, `configs.continuous_teacher`): any --teacher-steps then works, e.g. 1024 -> 8
+    vp_discrete -> vp_polynomial, `run.build.continuous_teacher`): any --teacher-steps then works, e.g. 1024 -> 8
     in 7 rounds (the discrete table resolves at most its 1000 levels); the students record vp_polynomial"""
     eval_max_steps: int | None = None
     """with --eval-samples: score only the students of at most this many steps (None: every round)"""
@@ -127,31 +105,14 @@ class Config:
 
 def oracle_setup(cfg: Config, n: int):
     """(oracle teacher, student, spec, no autoencoder, no header additions, host batch source) for oracle:<n>."""
-    info = dataset_info(cfg.spec.dataset)
-    train = load_qm9("train")
-    idx = np.flatnonzero(train.n_atoms == cfg.oracle_atoms)[:n]
-    if len(idx) < n:
-        raise ValueError(
-            f"--teacher oracle:{n}: QM9's train split has only {len(idx)} molecules of {cfg.oracle_atoms} atoms"
-        )
-    pos, feat, mask = encode_split(train.subset(idx), info)
     student = build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed))
-    data, mask = Molecule(jnp.asarray(pos), jnp.asarray(feat)), jnp.asarray(mask[0])
-    if cfg.oracle_rotations > 1:
-        oracle = rotation_augmented(data, mask, student.sde, cfg.oracle_rotations, key=jr.PRNGKey(cfg.init_seed + 1))
-    else:
-        oracle = OracleDenoiser(data, mask, student.sde)
-    rows_x, rows_h = np.asarray(oracle.data.positions), np.asarray(oracle.data.features)
-    m = np.asarray(mask)
-    b = cfg.data.batch_size
-
-    def batches(start: int):
-        for k in range(start, 2**62):
-            i = np.random.default_rng([cfg.train.seed, k]).integers(0, rows_x.shape[0], b)
-            yield Batch(
-                rows_x[i], rows_h[i], np.broadcast_to(m, (b, m.shape[0])), np.full(b, m.sum()), np.ones(b, np.float32)
-            )
-
+    try:
+        oracle, batches = fixed_molecules(
+            n, cfg.oracle_atoms, student.sde, rotations=cfg.oracle_rotations, seed=cfg.init_seed,
+            batch_size=cfg.data.batch_size, data_seed=cfg.train.seed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"--teacher oracle:{n}: {e}") from None
     return oracle, student, cfg.spec, None, {}, batches
 
 
@@ -197,9 +158,9 @@ def main(cfg: Config) -> list[dict]:
     else:
         oracle, student, spec, autoencoder, extra, batches = checkpoint_setup(cfg, Path(cfg.teacher))
     sde = student.sde
-    if isinstance(sde, DiscreteVPSDE) and cfg.teacher_steps > sde.n_timesteps:
+    if sde.time_resolution is not None and cfg.teacher_steps > sde.time_resolution:
         raise ValueError(
-            f"--teacher-steps {cfg.teacher_steps}: finer than the teacher's discrete schedule of {sde.n_timesteps} "
+            f"--teacher-steps {cfg.teacher_steps}: finer than the teacher's discrete schedule of {sde.time_resolution} "
             "steps (its grid nodes would repeat); add --continuous-time to distil on its continuous twin"
         )
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

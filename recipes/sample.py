@@ -13,15 +13,27 @@ A progressive-distillation student samples with DDIM at its own step count (its 
 choice runs, with a note). Latent models (recipes/train_latent.py) sample latents and decode them.
 """
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import tyro
 
 from sde_mol import cli
-from sde_mol.generate import GenerateConfig, generate
+from sde_mol.run.sample import GenerateConfig, generate
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
 
 
-def main(cfg: GenerateConfig) -> dict:
+@dataclass(frozen=True)
+class Config(GenerateConfig):
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    """an sde_mol checkpoint (.eqx): a denoiser, or a training state (its EMA model); default: the shipped
+    model, checkpoints/edm_qm9_base.eqx (see its model card)"""
+
+
+def main(cfg: Config) -> dict:
     return generate(cfg)
 
 
 if __name__ == "__main__":
-    cli.run(main, lambda: tyro.cli(GenerateConfig))
+    cli.run(main, lambda: tyro.cli(Config))

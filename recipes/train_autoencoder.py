@@ -24,13 +24,16 @@ import jax.random as jr
 import tyro
 
 from sde_mol import checkpoint, cli
-from sde_mol.configs import DataConfig, OptimConfig, dataset_info, from_dict, optimizer_from, to_dict
 from sde_mol.data.loader import BatchIterator, encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.latent import AutoencoderConfig, autoencoder_state_skeleton, build_autoencoder
 from sde_mol.molecule import Molecule
 from sde_mol.nn.autoencoder import AutoencoderLoss, reconstruction_terms
-from sde_mol.train import LoopConfig, count_params, host_batches, init_state, make_step, run_loop, to_device
+from sde_mol.run.build import dataset_info, optimizer_from
+from sde_mol.run.configs import DataConfig, OptimConfig, from_dict, to_dict
+from sde_mol.training.loop import LoopConfig, run_loop
+from sde_mol.training.prefetch import host_batches, to_device
+from sde_mol.training.state import count_params, init_state, make_step
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,6 @@ import jax.random as jr
 import tyro
 
 from sde_mol import checkpoint, cli, metrics
-from sde_mol.configs import (
-    DataConfig,
-    ModelConfig,
-    ModelSpec,
-    OptimConfig,
-    SamplerConfig,
-    dataset_info,
-    from_dict,
-    optimizer_from,
-    to_dict,
-)
 from sde_mol.data.loader import BatchIterator, encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.latent import (
@@ -51,8 +40,12 @@ from sde_mol.latent import (
 )
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import ContinuousDenoisingLoss
+from sde_mol.run.build import dataset_info, optimizer_from
+from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, from_dict, to_dict
 from sde_mol.samplers import sample_molecules
-from sde_mol.train import LoopConfig, count_params, host_batches, init_state, make_step, run_loop, to_device
+from sde_mol.training.loop import LoopConfig, run_loop
+from sde_mol.training.prefetch import host_batches, to_device
+from sde_mol.training.state import count_params, init_state, make_step
 
 
 @dataclass(frozen=True)

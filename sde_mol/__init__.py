@@ -7,8 +7,8 @@ The names a notebook needs, from their modules (deeper names stay in their modul
     SDEs        AbstractSDE (write `marginal` and you have a new SDE), DiscreteVPSDE, PolynomialVPSDE,
                 CosineVPSDE, VESDE, KarrasSDE
     denoisers   AbstractDenoiser, EpsDenoiser, KarrasDenoiser, ConsistencyFunction, EGNN
-    sampling    ancestral_sample, ddim_sample, pf_ode_sample, reverse_sde_sample, consistency_sample,
-                sample_molecules
+    sampling    AbstractSampler (sampler(denoiser, mask, n_feat, *, key)), Ancestral, DDIM, PFODE (any diffrax
+                solver), ReverseSDE, Consistency, sample_molecules
     training    EDMEpsLoss, ContinuousDenoisingLoss, KarrasLoss, ConsistencyLoss, ProgressiveDistillation,
                 TrainState, init_state, make_step, build_optimizer
     data, files load_qm9, qm9_info, load_denoiser, evaluate (EDM's metrics)
@@ -16,7 +16,6 @@ The names a notebook needs, from their modules (deeper names stay in their modul
 
 __version__ = "0.1.0"
 
-from .configs import load_denoiser as load_denoiser
 from .data.qm9 import load_qm9 as load_qm9, qm9_info as qm9_info
 from .denoisers import (
     AbstractDenoiser as AbstractDenoiser,
@@ -40,12 +39,14 @@ from .objectives.denoising import (
     KarrasLoss as KarrasLoss,
 )
 from .objectives.progressive import ProgressiveDistillation as ProgressiveDistillation
+from .run.load import load_denoiser as load_denoiser
 from .samplers import (
-    ancestral_sample as ancestral_sample,
-    consistency_sample as consistency_sample,
-    ddim_sample as ddim_sample,
-    pf_ode_sample as pf_ode_sample,
-    reverse_sde_sample as reverse_sde_sample,
+    DDIM as DDIM,
+    PFODE as PFODE,
+    AbstractSampler as AbstractSampler,
+    Ancestral as Ancestral,
+    Consistency as Consistency,
+    ReverseSDE as ReverseSDE,
     sample_molecules as sample_molecules,
 )
 from .sde import (
@@ -56,9 +57,5 @@ from .sde import (
     KarrasSDE as KarrasSDE,
     PolynomialVPSDE as PolynomialVPSDE,
 )
-from .train import (
-    TrainState as TrainState,
-    build_optimizer as build_optimizer,
-    init_state as init_state,
-    make_step as make_step,
-)
+from .training.optim import build_optimizer as build_optimizer
+from .training.state import TrainState as TrainState, init_state as init_state, make_step as make_step

@@ -25,23 +25,13 @@ import jax
 import jax.random as jr
 
 from . import checkpoint
-from .configs import (
-    ModelSpec,
-    OptimConfig,
-    SamplerConfig,
-    build_network,
-    build_sampler,
-    build_sde_from,
-    dataset_info,
-    denoiser_from,
-    from_dict,
-    optimizer_from,
-)
 from .molecule import Molecule
 from .nn.autoencoder import POSTERIOR_STD, EquivariantAutoencoder
 from .objectives.base import AbstractObjective
+from .run.build import build_network, build_sampler, build_sde_from, dataset_info, denoiser_from, optimizer_from
+from .run.configs import ModelSpec, OptimConfig, SamplerConfig, from_dict
 from .samplers import NFE, SamplerFn
-from .train import init_state
+from .training.state import init_state
 from .typing import IntScalar, Key, NodeMask
 
 LATENT_KINDS = ("latent_denoiser", "latent_train_state")

@@ -13,14 +13,20 @@ rotate the estimate (a sampler lands on the molecules in their stored frames, wh
 compare positions without a rotation search). `rotation_augmented` builds the oracle of K * R molecules under
 R fixed random rotations (optionally reflections), an approximately invariant data distribution.
 
+`nearest` and `landing` score samples against the K molecules: the RMSD of each sample to its nearest molecule
+in the same frame, d_i = min_k sqrt(mean_atoms ||y_i - x_k||^2), and the fraction with d_i < tol ("landed").
+
 `GaussianOracle`: x0 ~ N(mu, s^2 I) on the state space, for which E[x0 | z_t] is linear in z and every
 marginal is Gaussian with known mean and variance: a closed-form check of an SDE's drifts and solvers.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Float, Int
 
 from .denoisers import AbstractX0Denoiser
 from .molecule import Molecule, project, random_orthogonal, transform
@@ -66,6 +72,32 @@ def rotation_augmented(
     rotated = jax.vmap(rotate_all)(jnp.arange(n_rotations))
     flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), rotated)
     return OracleDenoiser(flat, mask, sde)
+
+
+def nearest(
+    positions: Float[np.ndarray, "n_samples n_real 3"], oracle: OracleDenoiser
+) -> tuple[Float[np.ndarray, " n_samples"], Int[np.ndarray, " n_samples"]]:
+    """(RMSD of each sample to the nearest of the oracle's molecules, that molecule's index k), in the stored
+    frames (no rotation search). `positions`: the samples' real atoms, those of `oracle.mask`, on the host."""
+    x = np.asarray(oracle.data.positions)[:, np.asarray(oracle.mask)]
+    d = np.sqrt(((positions[:, None] - x[None]) ** 2).sum(-1).mean(-1))
+    return d.min(1), d.argmin(1)
+
+
+class Landing(NamedTuple):
+    """How samples land on an oracle's K molecules (`landing`)."""
+
+    within: float  # fraction of the samples within tol of a molecule
+    hits: Int[np.ndarray, " n_data"]  # of those, how many on each molecule
+    median: float  # median RMSD to the nearest molecule
+    q90: float  # its 90 % quantile
+
+
+def landing(positions: Float[np.ndarray, "n_samples n_real 3"], oracle: OracleDenoiser, *, tol: float = 0.1) -> Landing:
+    """Score samples (their real atoms, on the host) against the oracle's molecules by `nearest`."""
+    d, k = nearest(positions, oracle)
+    hits = np.bincount(k[d < tol], minlength=oracle.data.positions.shape[0])
+    return Landing(float(np.mean(d < tol)), hits, float(np.median(d)), float(np.quantile(d, 0.9)))
 
 
 class GaussianOracle(AbstractX0Denoiser):

@@ -14,13 +14,12 @@ sigma)` and its time domain [t_min, t_max]; everything else is derived once on `
   score of a denoiser's x0 estimate, score = (alpha x0_hat - z) / sigma^2 (Tweedie), in the state space.
 
 Final classes: `PolynomialVPSDE` (EDM's `polynomial_2`, continuous), `DiscreteVPSDE` (EDM's exact float32
-lookup table), `CosineVPSDE`, `VESDE` and `KarrasSDE` (alpha = 1, sigma = t). `build_sde` is the one
+lookup table), `CosineVPSDE`, `VESDE` and `KarrasSDE` (alpha = 1, sigma = t). `run.build.build_sde_from` is the one
 name -> SDE map.
 """
 
 import abc
 from collections.abc import Callable
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -52,6 +51,16 @@ class AbstractSDE(eqx.Module):
     @abc.abstractmethod
     def marginal(self, t: Scalar) -> tuple[Real, Real]:
         """(alpha(t), sigma(t)) of q(z_t | x0) = N(alpha x0, sigma^2 I)."""
+
+    @property
+    def time_resolution(self) -> int | None:
+        """How many distinct time steps the process resolves on [t_min, t_max]: None in continuous time, T for a
+        process defined on a table of T steps (a chain of more steps than T would reuse table entries)."""
+        return None
+
+    def continuous_twin(self) -> "AbstractSDE":
+        """The same process in continuous time (host-side): itself, unless it is defined on a table."""
+        return self
 
     # --- derived quantities -------------------------------------------------------------------------------
 
@@ -212,22 +221,55 @@ class DiscreteVPSDE(AbstractSDE):
     taken from the piecewise-linear interpolation of the table (a straight-through derivative): values are
     EDM's, rates are those of the interpolated schedule. Continuous-time solvers are therefore consistent
     only on grids whose nodes are table knots (e.g. uniform grids with n_steps dividing T); for other grids
-    use `PolynomialVPSDE`, the same schedule in continuous time.
+    use `PolynomialVPSDE`, the same schedule in continuous time (`continuous_twin()`).
     """
 
     gamma_table: Float[Array, " n_table"]
+    power: float | None = eqx.field(static=True)
+    precision: float | None = eqx.field(static=True)
 
-    def __init__(self, gamma_table: Float[Array, " n_table"] | Float[np.ndarray, " n_table"]):
+    def __init__(
+        self,
+        gamma_table: Float[Array, " n_table"] | Float[np.ndarray, " n_table"],
+        power: float | None = None,
+        precision: float | None = None,
+    ):
+        """`power`, `precision`: the polynomial schedule the table was built from (None: unknown, so the table
+        has no continuous twin)."""
         self.gamma_table = jnp.asarray(gamma_table, dtype=jnp.float32)
+        self.power = power
+        self.precision = precision
 
     @classmethod
     def edm_polynomial(cls, n_timesteps: int = 1000, power: float = 2.0, precision: float = 1e-5) -> "DiscreteVPSDE":
         """EDM's `polynomial_2` (by default) table, built in float64 and cast to float32."""
-        return cls(edm_gamma_table(n_timesteps, power, precision))
+        return cls(edm_gamma_table(n_timesteps, power, precision), power, precision)
 
     @property
     def n_timesteps(self) -> int:
         return self.gamma_table.shape[0] - 1
+
+    @property
+    def time_resolution(self) -> int:
+        return self.n_timesteps
+
+    def continuous_twin(self) -> "PolynomialVPSDE":
+        """`PolynomialVPSDE` of the table's power and precision: the same schedule in continuous time (a network
+        trained at the knots i / T receives the same raw time t). Checks that the table is that schedule: its
+        gamma at the knots i / T, i < T, within 1e-3 relative (the last knot carries EDM's clip)."""
+        if self.power is None or self.precision is None:
+            raise ValueError("a DiscreteVPSDE built from a bare table (no power, precision) has no continuous twin")
+        twin = PolynomialVPSDE(self.power, self.precision)
+        n = self.n_timesteps
+        knots = jnp.asarray(np.arange(n, dtype=np.float32) / np.float32(n))
+        table = np.asarray(self.gamma_table[:n], np.float64)
+        gap = float(np.max(np.abs(np.asarray(jax.vmap(twin.gamma)(knots), np.float64) - table)))
+        if gap > 1e-3 * max(1.0, float(np.max(np.abs(table)))):
+            raise ValueError(
+                f"the discrete table differs from its continuous twin PolynomialVPSDE(power={self.power}, "
+                f"precision={self.precision}) by {gap:.3g} in gamma at the knots i / T"
+            )
+        return twin
 
     @property
     def t_min(self) -> float:
@@ -310,22 +352,3 @@ class KarrasSDE(AbstractSDE):
     def marginal(self, t: Scalar) -> tuple[Real, Real]:
         t = _as_time(t)
         return jnp.ones_like(t), t
-
-
-SDEName = Literal["vp_discrete", "vp_polynomial", "vp_cosine", "ve", "karras"]
-
-
-def build_sde(name: SDEName, **kwargs) -> AbstractSDE:
-    """The one name -> SDE map. `vp_discrete` takes `n_timesteps`, `power`, `precision` (EDM's table);
-    the others take their class's fields."""
-    if name == "vp_discrete":
-        return DiscreteVPSDE.edm_polynomial(**kwargs)
-    if name == "vp_polynomial":
-        return PolynomialVPSDE(**kwargs)
-    if name == "vp_cosine":
-        return CosineVPSDE(**kwargs)
-    if name == "ve":
-        return VESDE(**kwargs)
-    if name == "karras":
-        return KarrasSDE(**kwargs)
-    raise ValueError(f"unknown SDE {name!r}; expected one of {SDEName.__args__}")

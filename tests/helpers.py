@@ -10,8 +10,6 @@ import types
 import zipfile
 from pathlib import Path
 
-import equinox as eqx
-import jax
 import ml_dtypes
 import numpy as np
 
@@ -34,18 +32,6 @@ def load_recipe(name: str):
 def load_tool(name: str):
     """Import tools/<name>.py as a module."""
     return _load_script(ROOT / "tools" / f"{name}.py", f"tool_{name}")
-
-
-class SiLU(eqx.Module):
-    """A leafless activation: training steps stop-gradient whole models, which fails on raw function leaves."""
-
-    def __call__(self, x):
-        return jax.nn.silu(x)
-
-
-class Identity(eqx.Module):
-    def __call__(self, x):
-        return x
 
 
 # --- torch-format files without torch (tests of sde_mol/nn/torch_format.py and the EDM converter) ---------

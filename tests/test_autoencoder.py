@@ -12,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-from sde_mol.configs import ModelConfig, ModelSpec, SamplerConfig, dataset_info
 from sde_mol.data.loader import BatchIterator, encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.latent import (
@@ -26,8 +25,11 @@ from sde_mol.molecule import Molecule, com_free_normal, project, random_orthogon
 from sde_mol.nn.autoencoder import AutoencoderLoss, gaussian_kl_to_standard, reconstruction_terms
 from sde_mol.objectives.denoising import ContinuousDenoisingLoss
 from sde_mol.oracle import toy_molecules
+from sde_mol.run.build import dataset_info
+from sde_mol.run.configs import ModelConfig, ModelSpec, SamplerConfig
 from sde_mol.samplers import sample_molecules
-from sde_mol.train import host_batches, init_state, make_step, to_device
+from sde_mol.training.prefetch import host_batches, to_device
+from sde_mol.training.state import init_state, make_step
 
 INFO = dataset_info("qm9")
 DATA, MASK = toy_molecules(jr.key(0), 4, 7, 9)

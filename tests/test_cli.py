@@ -8,7 +8,7 @@ import tyro
 from helpers import ROOT, load_recipe, load_tool
 
 from sde_mol import checkpoint, cli
-from sde_mol.configs import load_denoiser
+from sde_mol.run.load import load_denoiser
 
 SMALL = ROOT / "checkpoints" / "edm_qm9_small.eqx"
 
@@ -31,8 +31,7 @@ def _parse(name: str, args: list[str]):
     module = load_recipe(name)
     if name == "train_edm":
         return module, lambda: tyro.extras.overridable_config_cli(module.PRESETS, args=["qm9-small", *args])
-    config = module.GenerateConfig if name == "sample" else module.Config
-    return module, lambda: tyro.cli(config, args=args)
+    return module, lambda: tyro.cli(module.Config, args=args)
 
 
 OUT = "{out}"

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 
 from sde_mol import samplers
-from sde_mol.configs import ModelConfig, ModelSpec, OptimConfig, build_denoiser, optimizer_from
 from sde_mol.data.loader import BatchIterator, encode_split
 from sde_mol.data.qm9 import load_qm9, qm9_info
 from sde_mol.likelihood import vlb_nll
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import EDMEpsLoss
-from sde_mol.train import LoopConfig, host_batches, init_state, make_step, run_loop, to_device
+from sde_mol.run.build import build_denoiser, optimizer_from
+from sde_mol.run.configs import ModelConfig, ModelSpec, OptimConfig
+from sde_mol.training.loop import LoopConfig, run_loop
+from sde_mol.training.prefetch import host_batches, to_device
+from sde_mol.training.state import init_state, make_step
 
 BUCKETS = (16, 20, 29)
 SPEC = ModelSpec(ModelConfig(hidden=8, n_layers=1))
@@ -85,7 +88,11 @@ def test_evaluation_compiles_once(trained):
     assert eqx.debug.get_num_traces(_nll_batch) == 1
 
 
-_counted_ancestral = eqx.debug.assert_max_traces(samplers.ancestral_sample, max_traces=None)
+def _call_sampler(sampler, model, mask, n_feat, *, key):
+    return sampler(model, mask, n_feat, key=key)
+
+
+_counted_ancestral = eqx.debug.assert_max_traces(_call_sampler, max_traces=None)
 
 
 def test_sampling_compiles_once_per_batch_size_and_nfe(trained):
@@ -94,7 +101,7 @@ def test_sampling_compiles_once_per_batch_size_and_nfe(trained):
     den = state.ema_model
 
     def sampler(model, n_steps):
-        return eqx.Partial(_counted_ancestral, model, model.sde, n_feat=info.n_feat, n_steps=n_steps)
+        return eqx.Partial(_counted_ancestral, samplers.Ancestral(n_steps), model, n_feat=info.n_feat)
 
     a = samplers.sample_molecules(sampler(den, 4), 5, info, key=jr.PRNGKey(0), batch_size=4)
     assert eqx.debug.get_num_traces(_counted_ancestral) == 1

@@ -21,9 +21,8 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
-from helpers import Identity, SiLU
 
-from sde_mol.configs import SamplerConfig, build_sampler, consistency_times_of
+from sde_mol.data.fixed import tiled_batch, toy_oracle
 from sde_mol.denoisers import (
     AbstractX0Denoiser,
     ConsistencyFunction,
@@ -41,19 +40,22 @@ from sde_mol.objectives.consistency import (
     TeacherStep,
     TruncatedIndex,
     UnbiasedEstimator,
+    truncated_loss,
     truncation_node,
 )
-from sde_mol.oracle import OracleDenoiser, rotation_augmented, toy_molecules
-from sde_mol.samplers import consistency_sample, consistency_solve, consistency_times
+from sde_mol.oracle import landing, rotation_augmented
+from sde_mol.run.build import build_sampler, consistency_times_of, solver_from_name
+from sde_mol.run.configs import SamplerConfig
+from sde_mol.samplers import Consistency, consistency_solve, consistency_times
 from sde_mol.schedules import constant_n, ict_n, karras_sigma, song_ct_n
 from sde_mol.sde import VESDE, AbstractSDE, KarrasSDE, PolynomialVPSDE
-from sde_mol.terms import pf_ode_term, solver_from_name
-from sde_mol.train import init_state, make_step
+from sde_mol.terms import pf_ode_term
+from sde_mol.training.state import fit_tiled, init_state, make_step
 
 K, M, CAPACITY, N_FEAT = 4, 7, 9, 6
-DATA, MASK = toy_molecules(jr.key(0), K, M, CAPACITY)
 SDE = PolynomialVPSDE()  # EDM's schedule in continuous time
-ORACLE = OracleDenoiser(DATA, MASK, SDE)
+ORACLE = toy_oracle(SDE, n_molecules=K, n_atoms=M, capacity=CAPACITY)
+DATA, MASK = ORACLE.data, ORACLE.mask
 SAMPLE_KEYS = jr.split(jr.key(99), 500)
 
 
@@ -63,11 +65,8 @@ SAMPLE_KEYS = jr.split(jr.key(99), 500)
 def mlp_student(
     hidden: int, *, key, sde: AbstractSDE = SDE, sigma_data: float = 0.5, depth: int = 3
 ) -> ConsistencyFunction:
-    """A consistency function on an MLP. The MLP's activations are swapped for leafless modules: the training
-    step stop-gradients the whole target model, which fails on raw function leaves."""
-    net = MLPNet(CAPACITY, N_FEAT, hidden, depth, key=key)
-    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (SiLU(), Identity()))
-    return ConsistencyFunction(net, sde, sigma_data=sigma_data)
+    """A consistency function on an MLP."""
+    return ConsistencyFunction(MLPNet(CAPACITY, N_FEAT, hidden, depth, key=key), sde, sigma_data=sigma_data)
 
 
 def egnn_net(*, key, hidden: int = 16, n_layers: int = 2) -> EGNN:
@@ -85,25 +84,12 @@ def _state(key, scale: float = 1.0) -> Molecule:
     return project(Molecule(scale * jr.normal(k1, (CAPACITY, 3)), scale * jr.normal(k2, (CAPACITY, N_FEAT))), MASK)
 
 
-def tiled(batch: int):
-    reps = -(-batch // K)
-    mols = jax.tree.map(lambda a: jnp.tile(a, (reps,) + (1,) * (a.ndim - 1))[:batch], DATA)
-    return mols, jnp.broadcast_to(MASK, (batch, CAPACITY)), jnp.ones(batch)
-
-
 def consistency_positions(f, n_steps: int, keys=SAMPLE_KEYS):
     """Positions of n_steps consistency samples (default times); sample i starts from the prior noise of
     keys[i] whatever n_steps is."""
     ts = consistency_times(SDE, n_steps)
-    fn = jax.vmap(lambda k: consistency_sample(f, SDE, MASK, N_FEAT, key=k, ts=ts)[0].positions)
+    fn = jax.vmap(lambda k: Consistency(ts)(f, MASK, N_FEAT, key=k)[0].positions)
     return np.asarray(jax.jit(fn)(keys))[:, :M]
-
-
-def nearest(positions, data=DATA):
-    """(RMSD to the nearest data molecule, its index), same frame."""
-    x = np.asarray(data.positions)[:, :M]
-    d = np.sqrt(((positions[:, None] - x[None]) ** 2).sum(-1).mean(-1))
-    return d.min(1), d.argmin(1)
 
 
 def kabsch_rmsd(a, b):
@@ -235,7 +221,7 @@ def test_cd_teacher_step_equals_diffeqsolve_on_the_grid(solver_name):
         noise = com_free_normal(key, MASK, N_FEAT)
         alpha, sigma = SDE.marginal(t_next)
         z_next = alpha * x + sigma * noise
-        manual = loss.estimator(x, z_next, noise, MASK, t_next, t_cur)
+        manual = loss.estimator(SDE, x, z_next, noise, MASK, t_next, t_cur)
         grid = dfx.StepTo(jnp.stack([t_next, t_cur]))
         sol = dfx.diffeqsolve(term, solver, t_next, t_cur, None, z_next, args=MASK, stepsize_controller=grid)
         return manual, jax.tree.map(lambda a: a[-1], sol.ys), z_next
@@ -252,7 +238,7 @@ def test_cd_teacher_step_equals_diffeqsolve_on_the_grid(solver_name):
 def test_curriculum_changes_n_without_recompiling():
     """Song's N(k) grows over the steps and the target EMA rate is traced too: one compilation throughout."""
     objective = ConsistencyLoss(
-        UnbiasedEstimator(SDE),
+        UnbiasedEstimator(),
         eqx.Partial(song_ct_n, total_steps=8, s0=2, s1=40),
         PseudoHuberDistance(),
         InverseStepWeighting(),
@@ -261,7 +247,7 @@ def test_curriculum_changes_n_without_recompiling():
     optimizer = optax.adam(1e-3)
     state = init_state(mlp_student(16, key=jr.key(1)), optimizer, with_target=True)
     step = make_step(objective, optimizer, ema_decay=0.5, target_decay=lambda k: 0.9 - 0.01 * k, max_traces=1)
-    mols, masks, weights = tiled(2 * K)
+    mols, masks, weights = tiled_batch(DATA, MASK, 2 * K)
     seen = []
     for _ in range(10):
         state, aux = step(state, mols, masks, weights, jr.key(0))
@@ -345,7 +331,7 @@ def test_truncated_loss_takes_its_targets_from_the_boundary_at_and_below_the_lev
     lo = int(truncation_node(level, jnp.int32(n_points), s_min, s_max, 7.0))
     x = jax.tree.map(lambda a: a[0], DATA)
     for n in (lo - 1, lo, lo + 1, n_points - 2):
-        common = (UnbiasedEstimator(SDE), eqx.Partial(constant_n, n=n_points), PseudoHuberDistance(),
+        common = (UnbiasedEstimator(), eqx.Partial(constant_n, n=n_points), PseudoHuberDistance(),
                   InverseStepWeighting(), FixedIndex(n))  # fmt: skip
         truncated = ConsistencyLoss(*common, boundary=boundary, boundary_sigma=level)
         plain = ConsistencyLoss(*common)
@@ -420,7 +406,8 @@ def test_multistep_renoises_to_the_marginal():
 # exponentially from 3e-3 by 300x; the final weights are sampled (an EMA of 0.999 lags too far behind in runs
 # this short). TCM's stage 2 continues from that student on the intervals above s' = 0.16 with the same loss and
 # the stage-1 student as the boundary (`tcm_stage_two`). Measured on this CPU (shared with another job) and
-# reported by the tests' prints: see each docstring; tools/consistency_oracle_sweep.py reruns any setting.
+# reported by the tests' prints: see each docstring; experiments/consistency_oracle_sweep.py reruns any setting
+# and experiments/NOTES.md holds the sweep's figures.
 
 
 def train_student(
@@ -428,19 +415,11 @@ def train_student(
     lr_decay: float = 300.0,
 ):  # fmt: skip
     """`steps` Adam steps on the K molecules tiled to `batch`, the learning rate decayed exponentially from `lr`
-    by `lr_decay`; the final weights."""
-    optimizer = optax.chain(
-        optax.scale_by_adam(), optax.scale_by_schedule(lambda c: -lr * (1.0 / lr_decay) ** (c / steps))
-    )
-    state = init_state(student, optimizer, with_target=with_target)
-    step = make_step(objective, optimizer, ema_decay=0.0, target_decay=target_decay, max_traces=1)
-    mols, masks, weights = tiled(batch)
-    for _ in range(steps):
-        state, aux = step(state, mols, masks, weights, jr.key(7))
-    if not np.isfinite(float(aux["loss"])):
-        raise FloatingPointError(f"loss is {float(aux['loss'])} after {steps} steps")
-    assert step.num_traces() == 1
-    return state.model
+    by `lr_decay`; the final weights (`train.fit_tiled`)."""
+    return fit_tiled(
+        objective, student, DATA, MASK, steps=steps, batch=batch, lr=lr, lr_decay=lr_decay, key=jr.key(7),
+        with_target=with_target, target_decay=target_decay,
+    )  # fmt: skip
 
 
 TRUNCATION = 0.16  # TCM's s': just above node 3 (s = 0.1512) of the N = 18 grid of EDM's VP schedule
@@ -449,37 +428,30 @@ TRUNCATION = 0.16  # TCM's s': just above node 3 (s = 0.1512) of the N = 18 grid
 def tcm_stage_two(
     objective, stage1, steps: int, *, lr: float, with_target: bool, n_points=None, boundary_fraction=None, **kw
 ):  # fmt: skip
-    """TCM's stage 2 (Lee et al. 2025) on top of `stage1`: a copy of it trained with `objective`'s estimator,
-    distance and weighting on the intervals above TRUNCATION only, the frozen stage-1 model supplying the
-    targets at and below it (N(k): `n_points`, default the objective's; `boundary_fraction`: the share of
-    draws on the boundary interval, None for uniform). Returns the joined model."""
-    stage2 = ConsistencyLoss(
-        objective.estimator, n_points or objective.n_points, objective.distance, objective.weighting,
-        TruncatedIndex(TRUNCATION, boundary_fraction), objective.rho, boundary=stage1, boundary_sigma=TRUNCATION,
-    )  # fmt: skip
+    """TCM's stage 2 (Lee et al. 2025) on top of `stage1` (`truncated_loss` at s' = TRUNCATION; `n_points`:
+    N(k), default the objective's; `boundary_fraction`: the share of draws on the boundary interval, None for
+    uniform), trained from a copy of it. Returns the joined model."""
+    stage2 = truncated_loss(objective, stage1, TRUNCATION, n_points=n_points, boundary_fraction=boundary_fraction)
     target_decay = (lambda k: 0.0) if with_target else None
     high = train_student(stage2, stage1, steps, with_target=with_target, target_decay=target_decay, lr=lr, **kw)
     return TruncatedConsistencyFunction(stage1, high, TRUNCATION)
 
 
-def hit_rates(f) -> dict[int, tuple[float, np.ndarray]]:
-    """{steps: (fraction of the 500 samples within 0.1 A of a molecule, hits per molecule)} for 1, 2, 4 steps."""
-    out = {}
-    for n in (1, 2, 4):
-        d, idx = nearest(consistency_positions(f, n))
-        out[n] = (float(np.mean(d < 0.1)), np.bincount(idx[d < 0.1], minlength=K))
-    return out
+def hit_rates(f) -> dict:
+    """{steps: `oracle.Landing` of the 500 samples (fraction within 0.1 A of a molecule, hits per molecule,
+    ...)} for 1, 2, 4 steps."""
+    return {n: landing(consistency_positions(f, n), ORACLE) for n in (1, 2, 4)}
 
 
 def balanced(hits: np.ndarray) -> bool:
     """Every molecule has at least 0.6 of its fair share (1 / K) of the samples that land: the K molecules are
     equally likely, and a consistency function whose basins have moved lands on them in the wrong proportions
-    while still landing (what CT's absolute-distance fixed point does: tools/ct_fixed_point_1d.py)."""
+    while still landing (what CT's absolute-distance fixed point does: experiments/ct_fixed_point_1d.py)."""
     return bool(hits.min() >= 0.6 * hits.sum() / K)
 
 
 def _report(name, rates):
-    parts = [f"{n} step(s) {frac:.3f} within 0.1 A (per molecule {hits.tolist()})" for n, (frac, hits) in rates.items()]
+    parts = [f"{n} step(s) {r.within:.3f} within 0.1 A (per molecule {r.hits.tolist()})" for n, r in rates.items()]
     print(f"{name}: " + ", ".join(parts))
 
 
@@ -497,7 +469,7 @@ def cd_objective() -> ConsistencyLoss:
 def ct_objective(steps: int) -> ConsistencyLoss:
     """CT on the oracle's K molecules (iCT: N(k) doubling from 11 to 161 over `steps`, no target model)."""
     return ConsistencyLoss(
-        UnbiasedEstimator(SDE),
+        UnbiasedEstimator(),
         eqx.Partial(ict_n, total_steps=steps, s0=10, s1=160),
         PseudoHuberDistance(),
         InverseStepWeighting(),
@@ -595,38 +567,8 @@ def test_tcm_stage_two_lifts_the_one_step_ct_samples(ct_rates, tcm_ct_rates):
 
 
 ONE_STEP_GAP = (
-    "one-step CT samples of a CPU-sized MLP student are not yet within 0.1 A often enough (target 0.8). Fraction "
-    "within 0.1 A at 1 / 2 / 4 steps, one seed, 500 samples, each row `python tools/consistency_oracle_sweep.py "
-    "--method ct` with the named flags (stage 1: 4000 iCT steps, N doubling 11 -> 161): stage 1 alone 0.04 / 0.27 / "
-    "0.92. TCM's stage 2 (--stage2-steps S --stage2-lr L) at N = 18 (--stage2-n-points 18): S = 12000, L = 3e-3 "
-    "0.40 / 0.84 / 0.88; at N = 161 with uniform draws it collapses (0.0 / 0.0 / 0.0); with a quarter of the draws "
-    "on the boundary interval (--stage2-boundary-fraction 0.25): S = 3000, L = 1e-3 0.37 / 0.47 / 0.95 (0.1: "
-    "0.41 / 0.48 / 0.94; N = 641: 0.34 / 0.41 / 0.93), S = 12000, L = 3e-3 0.64 / 0.81 / 0.98 (0.1: 0.61 / 0.83 / "
-    "0.97), S = 24000 (this test, ~9 CPU-min) 0.68 / 0.87 / 0.99: rising with the budget, slowly. The misses "
-    "fall mostly in two of the four basins (hits 108 / 117 / 55 / 62; the exact map splits the same 500 prior "
-    "draws 113 / 136 / 124 / 127) and far off (90 % quantile 0.54 A, median 0.06 A); after 12000 steps 132 of "
-    "the 181 misses start in the exact basins of molecules 2 and 3, 56 of them ending nearer another molecule "
-    "(a one-off script on these helpers). The same student and budget regressed directly on the "
-    "exact one-step map reach 0.94 (`--method exact`, 4000 steps; hits 106 / 123 / 121 / 122), and CD 0.91 "
-    "(test_cd_one_step_lands_on_the_oracle): what CT lacks is its estimator, x + s_n z in place of the teacher's "
-    "ODE step. It is CT's fixed point, not its convergence: started from a CD stage-2 student (0.83 / 0.95 / 0.97, "
-    "hits 89 / 107 / 113 / 105), 6000 CT steps at N = 161 (boundary share 0.25, lr 3e-4) bring it DOWN to 0.70 / "
-    "0.91 / 0.99 with the same skew (hits 122 / 107 / 53 / 70), `--stage2-steps 12000 --stage2-lr 3e-3 "
-    "--ct-refine-steps 6000` (N = 641, --ct-refine-n-points 641: 0.75 / 0.88 / 0.99, hits 99 / 136 / 71 / 71); "
-    "with L2 instead of pseudo-Huber (--ct-refine-distance l2) to 0.22 / 0.41 / 0.98 "
-    "(the L2 fixed point averages the split targets into blurs; pseudo-Huber, near L1 at iCT's c, keeps them "
-    "sharp but moves the basin edges). Per level (--per-level, S = 12000) the error enters between s = 0.49 "
-    "(0.99 within 0.1 A of the exact flow map) and s = 2.45 (0.555), where the posterior over the molecules splits. "
-    "Nor is it CT's variance: with its target's exact expectation over the K molecules given x_{n+1} (no target "
-    "variance; --ct-refine-target posterior) the same start settles at 0.73 / 0.92 / 0.99 (N = 161, hits 115 / 117 "
-    "/ 63 / 70), 0.79 / 0.87 / 1.00 at N = 641 (hits 121 / 133 / 66 / 76) and, in a one-off script with that loss, "
-    "0.76 at N = 2561, the same skew at every N; with L2 at 0.50 / 0.78 / 0.98 (N = 161, hits 54 / 59 / 79 / 56), "
-    "balanced but blurred. tools/ct_fixed_point_1d.py "
-    "solves CT's population fixed point exactly for "
-    "three weighted points on a line (tests/test_ct_fixed_point.py): the exact ODE step keeps the data's "
-    "proportions; an absolute distance (pseudo-Huber where the targets split) lands on the points in the wrong "
-    "proportions at every N, its basin edges following the posterior majority; L2 blurs, less as N grows. A "
-    "one-step CT rate of 0.8 in the right proportions needs L2's limit: N in the thousands, a low-variance target"
+    "one-step CT lands 0.68 of the samples within 0.1 A (target 0.8), skewed between the molecules: the bias of "
+    "pseudo-Huber CT's fixed point, not the student (experiments/NOTES.md, 'One-step CT against the toy oracle')"
 )
 
 
@@ -671,12 +613,8 @@ def test_ct_one_step_lands_on_the_oracle(long_tcm_ct_rates):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="an EGNN student needs far more than a CPU-test budget: measured 0.0 within 0.1 A at 1 / 2 / 4 steps "
-    "(median 1.2 A after alignment, 1.6 A untrained) after 6000 steps against 4 x 32 rotated molecules; from lr "
-    "3e-3 instead of 1e-3 also 0.0 (median 1.22 / 1.25 A at 1 / 4 steps, the loss 3.0 -> 2.1). The EGNN does not "
-    "learn even the denoiser in such budgets: `python tools/egnn_denoiser_fit.py --molecules 1 --lr 3e-3` (ONE "
-    "molecule under the 32 rotations, 2000 steps, 305 s) gives a median x0 error at s = 0.05 / 0.2 / 0.5 of "
-    "0.049 / 0.198 / 0.596 A, against 0.080 / 0.321 / 0.802 A for the noisy input and 0 for the exact denoiser",
+    reason="an EGNN student needs far more than a CPU-test budget: it does not even learn the denoiser of the "
+    "rotated molecules in one (experiments/NOTES.md, 'EGNN students against the rotation-augmented oracle')",
     strict=False,
 )
 def test_egnn_cd_against_the_rotation_augmented_oracle():

@@ -16,7 +16,9 @@ from helpers import write_torch_zip
 
 from sde_mol import checkpoint, metrics
 from sde_mol.cli import USER_ERRORS
-from sde_mol.configs import SamplerConfig, build_sampler, continuous_teacher, dataset_info, load_denoiser
+from sde_mol.run.build import build_sampler, continuous_teacher, dataset_info
+from sde_mol.run.configs import SamplerConfig
+from sde_mol.run.load import load_denoiser
 from sde_mol.samplers import sample_molecules
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_edm_checkpoint.py")

@@ -1,22 +1,29 @@
-"""tools/ct_fixed_point_1d.py: the exact population fixed points of consistency training on three weighted points
-on a line. They back the diagnosis of the one-step CT gap (test_consistency.py, ONE_STEP_GAP): with the teacher's
-exact step (CD) the one-step map lands on the points in the data's proportions; CT with an absolute distance
-(iCT's pseudo-Huber where the targets split) lands on points in the wrong proportions at every N; CT with the
-squared distance blurs, less as N grows."""
+"""experiments/ct_fixed_point_1d.py, run as a script: the exact population fixed points of consistency training
+on three weighted points on a line. They back the diagnosis of the one-step CT gap (test_consistency.py,
+ONE_STEP_GAP; experiments/NOTES.md): with the teacher's exact step (CD) the one-step map lands on the points in the
+data's proportions; CT with an absolute distance (iCT's pseudo-Huber where the targets split) lands on points in
+the wrong proportions at every N; CT with the squared distance blurs, less as N grows."""
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import load_tool
+from helpers import ROOT
+
+SCRIPT = ROOT / "experiments" / "ct_fixed_point_1d.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def tool():
-    return load_tool("ct_fixed_point_1d")
-
-
-@pytest.fixture(scope="module")
-def rows(tool):
-    out = tool.main(tool.Config(n_points=(161, 641), grid=8001))
+def rows():
+    proc = _run("--n-points", "161", "641", "--grid", "8001")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     return {(r["target"], r["n_points"]): r for r in out}
 
 
@@ -42,8 +49,10 @@ def test_l2_ct_blurs_less_as_n_grows(rows):
     assert coarse < 0.7 and fine > coarse + 0.1 and fine < 0.9
 
 
-def test_bad_config_is_a_clear_error(tool):
-    with pytest.raises(ValueError, match="one positive weight per point"):
-        tool.main(tool.Config(points=(0.0, 1.0), weights=(1.0,)))
-    with pytest.raises(ValueError, match="--n-points"):
-        tool.main(tool.Config(n_points=(1,)))
+def test_bad_config_is_a_clear_error():
+    for args, message in (
+        (("--points", "0", "1", "--weights", "1"), "one positive weight per point"),
+        (("--n-points", "1"), "must be >= 2"),
+    ):
+        proc = _run(*args)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -12,7 +12,7 @@ import textwrap
 import jax
 import pytest
 
-from sde_mol import distributed
+from sde_mol.training import distributed
 
 SCRIPT = textwrap.dedent(
     r"""
@@ -21,12 +21,15 @@ SCRIPT = textwrap.dedent(
 
     import jax, jax.numpy as jnp, jax.random as jr, numpy as np
 
-    from sde_mol import distributed
-    from sde_mol.configs import ModelConfig, ModelSpec, OptimConfig, build_denoiser, optimizer_from
+    from sde_mol.training import distributed
+    from sde_mol.run.configs import ModelConfig, ModelSpec, OptimConfig
+    from sde_mol.run.build import build_denoiser, optimizer_from
     from sde_mol.data.loader import Batch
     from sde_mol.data.qm9 import EDM_TRAIN_SIZE_COUNTS, DatasetInfo
     from sde_mol.objectives.denoising import EDMEpsLoss
-    from sde_mol.train import LoopConfig, init_state, make_step, params_of, run_loop, to_device
+    from sde_mol.training.loop import LoopConfig, run_loop
+    from sde_mol.training.state import init_state, make_step, params_of
+    from sde_mol.training.prefetch import to_device
 
     assert len(jax.devices()) == 2, jax.devices()
     info = DatasetInfo(size_counts=tuple(EDM_TRAIN_SIZE_COUNTS.get(m, 0) for m in range(30)))

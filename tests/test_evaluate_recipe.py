@@ -88,7 +88,8 @@ def test_checkpoint_nll_is_batch_size_independent(recipe, tmp_path):
     import jax.random as jr
 
     from sde_mol import checkpoint
-    from sde_mol.configs import ModelConfig, ModelSpec, build_denoiser, to_dict
+    from sde_mol.run.build import build_denoiser
+    from sde_mol.run.configs import ModelConfig, ModelSpec, to_dict
 
     spec = ModelSpec(ModelConfig(hidden=8, n_layers=1))
     path = tmp_path / "tiny.eqx"

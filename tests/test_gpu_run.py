@@ -5,8 +5,8 @@ import json
 import pytest
 from helpers import load_recipe, load_tool
 
-from sde_mol.configs import DataConfig, ModelConfig, ModelSpec
-from sde_mol.train import LoopConfig
+from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec
+from sde_mol.training.loop import LoopConfig
 
 
 @pytest.mark.slow  # ~100 s: a benchmark and a training run in subprocesses

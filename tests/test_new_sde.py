@@ -1,12 +1,13 @@
 """The library's promise: a new SDE is one small class (only `marginal`), and every sampler works with it."""
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
 from sde_mol.oracle import OracleDenoiser, toy_molecules
-from sde_mol.samplers import ddim_sample, pf_ode_sample
+from sde_mol.samplers import DDIM, PFODE
 from sde_mol.sde import AbstractSDE
 
 
@@ -41,8 +42,8 @@ def test_samplers_land_on_the_oracle_molecules():
         return jnp.min(d)
 
     for sampler in (
-        lambda k: pf_ode_sample(oracle, sde, mask, 6, key=k, solver="heun", n_steps=60)[0],
-        lambda k: ddim_sample(oracle, sde, mask, 6, key=k, n_steps=60)[0],
+        lambda k: PFODE(dfx.Heun(), 60)(oracle, mask, 6, key=k)[0],
+        lambda k: DDIM(60)(oracle, mask, 6, key=k)[0],
     ):
         out = jax.vmap(sampler)(keys)
         rmsd = jax.vmap(nearest_rmsd)(out)
@@ -60,13 +61,9 @@ class ShiftedVESDE(AbstractSDE):
 
 
 def _mlp_net(key):
-    import equinox as eqx
-    from helpers import Identity, SiLU
-
     from sde_mol.nn.egnn import MLPNet
 
-    net = MLPNet(8, 6, 32, 2, key=key)
-    return eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (SiLU(), Identity()))
+    return MLPNet(8, 6, 32, 2, key=key)
 
 
 def test_a_user_sde_on_its_own_interval_trains_samples_and_distils():
@@ -82,9 +79,9 @@ def test_a_user_sde_on_its_own_interval_trains_samples_and_distils():
     from sde_mol.objectives.consistency import ConsistencyLoss, TeacherStep
     from sde_mol.objectives.denoising import ContinuousDenoisingLoss, EDMEpsLoss
     from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation
+    from sde_mol.run.build import solver_from_name
     from sde_mol.schedules import constant_n
-    from sde_mol.terms import solver_from_name
-    from sde_mol.train import init_state, make_step
+    from sde_mol.training.state import init_state, make_step
 
     sde = ShiftedVESDE()
     data, mask = toy_molecules(jr.PRNGKey(0), 3, 6, 8)
@@ -106,7 +103,7 @@ def test_a_user_sde_on_its_own_interval_trains_samples_and_distils():
     student = KarrasDenoiser(_mlp_net(jr.PRNGKey(1)), sde, sigma_data=1.0)
     state, ts = train(ContinuousDenoisingLoss("x0"), student, 5)
     assert np.all((ts >= sde.t_min) & (ts <= sde.t_max)) and ts.max() > 1.0
-    out, _ = pf_ode_sample(state.model, sde, mask, 6, key=jr.PRNGKey(2), solver="heun", n_steps=8)
+    out, _ = PFODE(dfx.Heun(), 8)(state.model, mask, 6, key=jr.PRNGKey(2))
     assert np.all(np.isfinite(np.asarray(out.positions)))
 
     schedule = HalvingSchedule(8, 4, 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sde_mol.molecule import Molecule, project, random_orthogonal, transform
-from sde_mol.oracle import GaussianOracle, OracleDenoiser, rotation_augmented, toy_molecules
+from sde_mol.oracle import GaussianOracle, OracleDenoiser, landing, nearest, rotation_augmented, toy_molecules
 from sde_mol.sde import DiscreteVPSDE, KarrasSDE, PolynomialVPSDE
 
 DATA, MASK = toy_molecules(jr.key(0), 6, 7, 9)
@@ -108,3 +108,19 @@ def test_gaussian_oracle():
         score = sde.score(oracle, t, z, MASK)
         expected = project(-(z - alpha * mean) / var, MASK)
         np.testing.assert_allclose(score.to_array(), expected.to_array(), rtol=1e-4, atol=1e-4)
+
+
+def test_nearest_and_landing_score_samples_against_the_molecules():
+    """Samples = molecules 2, 0, 5 shifted by 0.05 / 0.3 / 0 A (every atom along x): RMSD to the nearest is the
+    shift, the index is the molecule's, and `landing` counts the samples within tol per molecule."""
+    oracle = OracleDenoiser(DATA, MASK, PolynomialVPSDE())
+    x = np.asarray(DATA.positions)[:, :7]
+    shift = np.asarray([0.05, 0.3, 0.0], np.float32)
+    samples = x[[2, 0, 5]] + shift[:, None, None] * np.asarray([1.0, 0.0, 0.0], np.float32)
+    d, k = nearest(samples, oracle)
+    np.testing.assert_allclose(d, shift, atol=1e-6)
+    np.testing.assert_array_equal(k, [2, 0, 5])
+    r = landing(samples, oracle, tol=0.1)
+    np.testing.assert_allclose(r.within, 2 / 3)
+    np.testing.assert_array_equal(r.hits, [0, 0, 1, 0, 0, 1])
+    np.testing.assert_allclose(r.median, 0.05, atol=1e-6)

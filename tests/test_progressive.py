@@ -8,28 +8,27 @@ so an equivariant student could not represent it. Molecules: K = 3 toy molecules
 pairwise RMSDs are above 1 A, so "within 0.1 A" of a molecule means "on that molecule".
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
 import pytest
-from helpers import Identity, SiLU
 
+from sde_mol.data.fixed import tiled_batch, toy_oracle
 from sde_mol.denoisers import AbstractX0Denoiser, KarrasDenoiser
 from sde_mol.molecule import Molecule, com_free_normal
 from sde_mol.nn.egnn import MLPNet
 from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation, ddim_target
-from sde_mol.oracle import OracleDenoiser, toy_molecules
-from sde_mol.samplers import ancestral_step, ddim_sample, ddim_step
+from sde_mol.oracle import nearest
+from sde_mol.samplers import DDIM, ancestral_step, ddim_step
 from sde_mol.sde import AbstractSDE, DiscreteVPSDE, PolynomialVPSDE
-from sde_mol.train import init_state, make_step
+from sde_mol.training.state import init_state, make_step
 
 K, M, CAPACITY, N_FEAT = 3, 7, 9, 6
-DATA, MASK = toy_molecules(jr.key(0), K, M, CAPACITY)
 SDE = DiscreteVPSDE.edm_polynomial()
-ORACLE = OracleDenoiser(DATA, MASK, SDE)
+ORACLE = toy_oracle(SDE, n_molecules=K, n_atoms=M, capacity=CAPACITY)
+DATA, MASK = ORACLE.data, ORACLE.mask
 SAMPLE_KEYS = jr.split(jr.key(99), 500)
 
 
@@ -37,11 +36,8 @@ SAMPLE_KEYS = jr.split(jr.key(99), 500)
 
 
 def mlp_student(hidden: int, *, key) -> KarrasDenoiser:
-    """A Karras-preconditioned MLP student. The MLP's activations are swapped for leafless modules: the
-    training step stop-gradients the whole target model, which fails on raw function leaves."""
-    net = MLPNet(CAPACITY, N_FEAT, hidden, 3, key=key)
-    net = eqx.tree_at(lambda n: (n.mlp.activation, n.mlp.final_activation), net, (SiLU(), Identity()))
-    return KarrasDenoiser(net, SDE, sigma_data=1.0)
+    """A Karras-preconditioned MLP student."""
+    return KarrasDenoiser(MLPNet(CAPACITY, N_FEAT, hidden, 3, key=key), SDE, sigma_data=1.0)
 
 
 def per_round_decay(lr: float, steps_per_round: int) -> optax.GradientTransformation:
@@ -57,9 +53,7 @@ def distil(schedule, student, *, teacher=ORACLE, teacher_eta=0.0, student_eta=0.
     optimizer = per_round_decay(lr, schedule.steps_per_round)
     state = init_state(student, optimizer, with_target=True)
     step = make_step(objective, optimizer, ema_decay=0.0, target_decay=schedule.target_decay, max_traces=1)
-    reps = -(-batch // K)
-    mols = jax.tree.map(lambda a: jnp.tile(a, (reps,) + (1,) * (a.ndim - 1))[:batch], DATA)
-    masks, weights, key = jnp.broadcast_to(MASK, (batch, CAPACITY)), jnp.ones(batch), jr.key(seed)
+    (mols, masks, weights), key = tiled_batch(DATA, MASK, batch), jr.key(seed)
     students = []
     for _ in range(schedule.n_rounds):
         for _ in range(schedule.steps_per_round):
@@ -70,14 +64,13 @@ def distil(schedule, student, *, teacher=ORACLE, teacher_eta=0.0, student_eta=0.
 
 def ddim_positions(den, n_steps: int, eta: float = 0.0):
     """Positions of DDIM samples; sample i starts from the prior noise of SAMPLE_KEYS[i] whatever n_steps is."""
-    fn = jax.vmap(lambda k: ddim_sample(den, SDE, MASK, N_FEAT, key=k, n_steps=n_steps, eta=eta)[0].positions)
+    fn = jax.vmap(lambda k: DDIM(n_steps, eta=eta)(den, MASK, N_FEAT, key=k)[0].positions)
     return np.asarray(jax.jit(fn)(SAMPLE_KEYS))[:, :M]
 
 
 def nearest_rmsd(positions):
     """RMSD of each sample to its nearest oracle molecule (same frame, no rotation search)."""
-    x = np.asarray(DATA.positions)[:, :M]
-    return np.sqrt(((positions[:, None] - x[None]) ** 2).sum(-1).mean(-1)).min(1)
+    return nearest(positions, ORACLE)[0]
 
 
 def pair_rmsd(a, b):
@@ -158,8 +151,7 @@ def test_one_compilation_serves_every_round():
     optimizer = optax.adam(1e-3)
     state = init_state(mlp_student(16, key=jr.key(1)), optimizer, with_target=True)
     step = make_step(objective, optimizer, ema_decay=0.0, target_decay=sched.target_decay, max_traces=1)
-    mols = jax.tree.map(lambda a: jnp.tile(a, (2,) + (1,) * (a.ndim - 1)), DATA)
-    masks, weights = jnp.broadcast_to(MASK, (2 * K, CAPACITY)), jnp.ones(2 * K)
+    mols, masks, weights = tiled_batch(DATA, MASK, 2 * K)
     seen_n = []
     for k in range(9):
         before = state.target_model

@@ -11,8 +11,9 @@ from rdkit import Chem
 
 from sde_mol import checkpoint, io
 from sde_mol.cli import UsageError
-from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, load_denoiser
-from sde_mol.train import LoopConfig
+from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig
+from sde_mol.run.load import load_denoiser
+from sde_mol.training.loop import LoopConfig
 
 _recipe = load_recipe
 

@@ -15,20 +15,12 @@ import pytest
 from helpers import load_recipe
 
 from sde_mol import checkpoint
-from sde_mol.configs import (
-    DataConfig,
-    DenoiserConfig,
-    ModelConfig,
-    ModelSpec,
-    SamplerConfig,
-    SDEConfig,
-    build_denoiser,
-    load_denoiser,
-    to_dict,
-)
 from sde_mol.denoisers import ConsistencyFunction, EpsConsistencyFunction, TruncatedConsistencyFunction
+from sde_mol.run.build import build_denoiser
+from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, SamplerConfig, SDEConfig, to_dict
+from sde_mol.run.load import load_denoiser
 from sde_mol.sde import PolynomialVPSDE
-from sde_mol.train import LoopConfig
+from sde_mol.training.loop import LoopConfig
 
 TINY_EDM = ModelSpec(ModelConfig(hidden=8, n_layers=1))  # EDM's discrete schedule, eps parametrisation
 TINY_CM = ModelSpec(ModelConfig(hidden=8, n_layers=1), SDEConfig("vp_polynomial"), DenoiserConfig("consistency"))

@@ -11,9 +11,11 @@ import pytest
 from helpers import load_recipe
 
 from sde_mol import checkpoint
-from sde_mol.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, build_denoiser, load_denoiser, to_dict
 from sde_mol.latent import AutoencoderConfig, load_autoencoder, load_latent
-from sde_mol.train import LoopConfig
+from sde_mol.run.build import build_denoiser
+from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, to_dict
+from sde_mol.run.load import load_denoiser
+from sde_mol.training.loop import LoopConfig
 
 TINY = ModelSpec(ModelConfig(hidden=8, n_layers=1))
 

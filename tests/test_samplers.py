@@ -2,8 +2,6 @@
 molecules of an exact oracle with equal frequencies; manual teacher step == diffeqsolve; NFE counts;
 batch-size independence of `sample_molecules`."""
 
-import functools
-
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -16,25 +14,26 @@ from sde_mol.data.qm9 import EDM_TRAIN_SIZE_COUNTS, DatasetInfo
 from sde_mol.denoisers import AbstractDenoiser, AbstractX0Denoiser, eps_to_x0
 from sde_mol.molecule import Molecule
 from sde_mol.oracle import GaussianOracle, OracleDenoiser, toy_molecules
+from sde_mol.run.build import solver_from_name
 from sde_mol.samplers import (
+    DDIM,
+    PFODE,
+    Ancestral,
+    ReverseSDE,
     ancestral_mean_std,
-    ancestral_sample,
     ancestral_step,
     capacities,
-    ddim_sample,
     ddim_solve,
     decode,
     draw_sizes,
     edm_final_decode,
-    pf_ode_sample,
     pf_ode_solve,
-    reverse_sde_sample,
     reverse_sde_solve,
     sample_molecules,
 )
 from sde_mol.schedules import time_grid
 from sde_mol.sde import AbstractSDE, DiscreteVPSDE, KarrasSDE
-from sde_mol.terms import pf_ode_term, solver_from_name, teacher_step
+from sde_mol.terms import pf_ode_term, teacher_step
 
 EDM = DiscreteVPSDE.edm_polynomial()
 INFO = DatasetInfo(size_counts=tuple(EDM_TRAIN_SIZE_COUNTS.get(m, 0) for m in range(30)))
@@ -107,13 +106,11 @@ CHI2_4DOF_P001 = 18.47
 SDE_GRID = {"edm_vp": (EDM, "uniform"), "karras": (KarrasSDE(), "karras")}
 
 SAMPLERS = {
-    "ancestral_1000": lambda sde, grid: functools.partial(ancestral_sample, n_steps=1000, grid=grid),
-    "ddim_100": lambda sde, grid: functools.partial(ddim_sample, n_steps=100, grid=grid),
-    "pf_ode_heun_50": lambda sde, grid: functools.partial(pf_ode_sample, solver="heun", n_steps=50, grid=grid),
-    "pf_ode_dopri5_adaptive": lambda sde, grid: functools.partial(
-        pf_ode_sample, solver="dopri5", adaptive=True, grid=grid
-    ),
-    "reverse_sde_500": lambda sde, grid: functools.partial(reverse_sde_sample, n_steps=500, grid=grid),
+    "ancestral_1000": lambda grid: Ancestral(1000, grid=grid),
+    "ddim_100": lambda grid: DDIM(100, grid=grid),
+    "pf_ode_heun_50": lambda grid: PFODE(dfx.Heun(), 50, grid=grid),
+    "pf_ode_dopri5_adaptive": lambda grid: PFODE(dfx.Dopri5(), grid=grid, adaptive=True),
+    "reverse_sde_500": lambda grid: ReverseSDE(500, grid=grid),
 }
 
 
@@ -140,8 +137,8 @@ def _check_hits(rmsd, label):
 def test_oracle_sampler_lands_on_data(sampler, sde_name):
     sde, grid = SDE_GRID[sde_name]
     oracle = OracleDenoiser(DATA, MASK, sde)
-    fn = SAMPLERS[sampler](sde, grid)
-    mols, nfe = jax.jit(jax.vmap(lambda k: fn(oracle, sde, MASK, 6, key=k)))(jr.split(jr.key(1), N_SAMPLES))
+    fn = SAMPLERS[sampler](grid)
+    mols, nfe = jax.jit(jax.vmap(lambda k: fn(oracle, MASK, 6, key=k)))(jr.split(jr.key(1), N_SAMPLES))
     assert mols.positions.shape == (N_SAMPLES, CAPACITY, 3)
     assert float(jnp.max(jnp.abs(mols.positions[:, M:]))) == 0.0
     _check_hits(_rmsd_to_data(mols.positions), f"{sampler}/{sde_name} (nfe {int(nfe[0])})")
@@ -156,9 +153,9 @@ def test_oracle_solvers_arrive_before_the_final_denoise(sde_name):
     alpha, _ = sde.marginal(sde.t_min)
     solves = {
         "ddim": lambda z, k: ddim_solve(oracle, sde, z, MASK, time_grid(sde, 100, grid), key=k),
-        "pf_ode_heun": lambda z, k: pf_ode_solve(oracle, sde, z, MASK, time_grid(sde, 50, grid))[0],
+        "pf_ode_heun": lambda z, k: pf_ode_solve(oracle, sde, z, MASK, time_grid(sde, 50, grid), solver=dfx.Heun())[0],
         "pf_ode_dopri5": lambda z, k: pf_ode_solve(
-            oracle, sde, z, MASK, time_grid(sde, 50, grid), solver="dopri5", adaptive=True
+            oracle, sde, z, MASK, time_grid(sde, 50, grid), solver=dfx.Dopri5(), adaptive=True
         )[0],
         "reverse_sde": lambda z, k: reverse_sde_solve(oracle, sde, z, MASK, time_grid(sde, 500, grid), key=k),
     }
@@ -217,19 +214,19 @@ class CountingDenoiser(AbstractX0Denoiser):
 @pytest.mark.parametrize(
     "name,sampler",
     [
-        ("ancestral", functools.partial(ancestral_sample, n_steps=20)),
-        pytest.param("ddim", functools.partial(ddim_sample, n_steps=20), marks=pytest.mark.slow),
-        ("heun", functools.partial(pf_ode_sample, solver="heun", n_steps=10)),
-        pytest.param("tsit5", functools.partial(pf_ode_sample, solver="tsit5", n_steps=10), marks=pytest.mark.slow),
-        ("dopri5_adaptive", functools.partial(pf_ode_sample, solver="dopri5", adaptive=True)),
-        pytest.param("reverse_sde", functools.partial(reverse_sde_sample, n_steps=20), marks=pytest.mark.slow),
+        ("ancestral", Ancestral(20)),
+        pytest.param("ddim", DDIM(20), marks=pytest.mark.slow),
+        ("heun", PFODE(dfx.Heun(), 10)),
+        pytest.param("tsit5", PFODE(dfx.Tsit5(), 10), marks=pytest.mark.slow),
+        ("dopri5_adaptive", PFODE(dfx.Dopri5(), adaptive=True)),
+        pytest.param("reverse_sde", ReverseSDE(20), marks=pytest.mark.slow),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_reported_nfe_counts_denoiser_calls(name, sampler):
     calls = []
     den = CountingDenoiser(OracleDenoiser(DATA, MASK, EDM), EDM, calls)
-    _, nfe = jax.jit(lambda k: sampler(den, EDM, MASK, 6, key=k))(jr.key(4))
+    _, nfe = jax.jit(lambda k: sampler(den, MASK, 6, key=k))(jr.key(4))
     jax.effects_barrier()
     assert int(nfe) == len(calls), (name, int(nfe), len(calls))
 
@@ -244,7 +241,7 @@ def test_sample_molecules_is_batch_size_independent():
 
     def sampler(den, mask, *, key):
         traces.append(1)  # runs at trace time only
-        return ddim_sample(den, EDM, mask, INFO.n_feat, key=key, n_steps=8, eta=1.0)
+        return DDIM(8, eta=1.0)(den, mask, INFO.n_feat, key=key)
 
     fn = eqx.Partial(sampler, oracle)
     a = sample_molecules(fn, 7, INFO, key=jr.key(5), batch_size=3)
@@ -281,7 +278,7 @@ def test_non_finite_molecules_are_flagged_counted_and_never_scored():
     oracle = GaussianOracle(zeros, 0.5, EDM)
 
     def sampler(den, mask, *, key):
-        mol, nfe = ddim_sample(den, EDM, mask, INFO.n_feat, key=key, n_steps=4)
+        mol, nfe = DDIM(4)(den, mask, INFO.n_feat, key=key)
         blow_up = jnp.sum(mask) % 2 == 1
         return Molecule(jnp.where(blow_up, jnp.nan, mol.positions), mol.features), nfe
 
@@ -307,7 +304,7 @@ def test_non_finite_molecules_are_flagged_counted_and_never_scored():
 def test_partial_chunks_are_padded_to_a_multiple_of_8_not_the_batch_size():
     """50 molecules in 4 buckets at batch size 50: each bucket's chunk holds its molecules padded to the next
     multiple of 8 (at most 50 slots in all but 4 * 7), every molecule exactly once."""
-    from sde_mol.samplers import _chunks
+    from sde_mol.samplers.batching import _chunks
 
     chunks = list(_chunks(50, INFO, jr.key(0), 50, 0, (17, 20, 23, 29)))
     rows = np.concatenate([c[0] for c in chunks])
@@ -325,7 +322,7 @@ def test_bucketed_sampling_uses_the_smallest_width_and_is_batch_size_independent
     def sampler(den, mask, *, key):
         widths.append(mask.shape[0])  # trace time only: one entry per compilation
         z = Molecule(zeros.positions[: mask.shape[0]], zeros.features[: mask.shape[0]])
-        return ddim_sample(GaussianOracle(z, 0.5, EDM), EDM, mask, INFO.n_feat, key=key, n_steps=4, eta=1.0)
+        return DDIM(4, eta=1.0)(GaussianOracle(z, 0.5, EDM), mask, INFO.n_feat, key=key)
 
     fn = eqx.Partial(sampler, None)
     buckets = (17, 20, 23, 29)

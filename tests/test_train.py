@@ -10,17 +10,8 @@ import pytest
 
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.base import AbstractObjective
-from sde_mol.train import (
-    TrainState,
-    adaptive_clip,
-    build_optimizer,
-    cast_params,
-    count_params,
-    ema_update,
-    init_state,
-    make_step,
-    params_of,
-)
+from sde_mol.training.optim import adaptive_clip, build_optimizer
+from sde_mol.training.state import TrainState, cast_params, count_params, ema_update, init_state, make_step, params_of
 
 
 class ToyModel(eqx.Module):
@@ -164,7 +155,7 @@ def test_donated_step_never_deletes_a_teacher_the_student_was_copied_from():
 
 
 def test_prefetch_keeps_order_and_raises_in_consumer():
-    from sde_mol.train import prefetch
+    from sde_mol.training.prefetch import prefetch
 
     assert list(prefetch(iter(range(20)), 3)) == list(range(20))
 
@@ -184,10 +175,11 @@ def test_prefetch_keeps_order_and_raises_in_consumer():
 
 
 def test_bf16_compute_keeps_f32_master_weights():
-    from sde_mol.configs import ModelConfig, ModelSpec, build_denoiser
     from sde_mol.data.qm9 import EDM_TRAIN_SIZE_COUNTS, DatasetInfo
     from sde_mol.molecule import com_free_normal
     from sde_mol.objectives.denoising import EDMEpsLoss
+    from sde_mol.run.build import build_denoiser
+    from sde_mol.run.configs import ModelConfig, ModelSpec
 
     info = DatasetInfo(size_counts=tuple(EDM_TRAIN_SIZE_COUNTS.get(m, 0) for m in range(30)))
     den = build_denoiser(ModelSpec(ModelConfig(hidden=16, n_layers=2)), key=jr.PRNGKey(0))
@@ -234,7 +226,7 @@ def test_a_diverging_loss_leaves_valid_json_and_the_last_good_state(tmp_path):
     (NaN as the string "nan"), last.eqx keeps the step-2 state, the diverged one goes to nan_state.eqx."""
     import json
 
-    from sde_mol.train import LoopConfig, run_loop
+    from sde_mol.training.loop import LoopConfig, run_loop
 
     def step_fn(state, batch, key):
         step = state.step + 1

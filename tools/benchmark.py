@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -65,12 +66,14 @@ import numpy as np
 import tyro
 
 from sde_mol import samplers
-from sde_mol.configs import ModelConfig, ModelSpec, OptimConfig, build_denoiser, dataset_info, optimizer_from
 from sde_mol.data.loader import BatchIterator
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import EDMEpsLoss
-from sde_mol.train import cast_params, count_params, init_state, make_step, prefetch, to_device
+from sde_mol.run.build import build_denoiser, dataset_info, optimizer_from
+from sde_mol.run.configs import ModelConfig, ModelSpec, OptimConfig
+from sde_mol.training.prefetch import prefetch, to_device
+from sde_mol.training.state import cast_params, count_params, init_state, make_step
 
 ConfigName = Literal["qm9-paper", "qm9-finetune", "qm9-small"]
 Section = Literal["train", "denoiser", "sample", "main_job"]
@@ -310,19 +313,13 @@ def bench_denoiser(name: str, spec, data, r, cfg: Config, log: CompileLog) -> di
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def one_call_sample(denoiser, sde, mask, n_feat: int, *, key):
-    """One network call from noise: x0 = D(t_max, z), z ~ prior (the cost of a one-step consistency model)."""
-    z = sde.prior(mask, n_feat, key=key)
-    return denoiser(jnp.asarray(sde.t_max, jnp.float32), z, mask), jnp.asarray(1, jnp.int32)
-
-
 def sampler_fns(den, n_feat: int) -> dict[str, Callable[[int], eqx.Partial]]:
-    sde = den.sde
+    """one_call: x0 = D(t_max, z), z ~ prior (a one-step consistency sampler: the cost of one network call)."""
     return {
-        "ancestral": lambda n: eqx.Partial(samplers.ancestral_sample, den, sde, n_feat=n_feat, n_steps=n),
-        "pf_ode_heun": lambda n: eqx.Partial(samplers.pf_ode_sample, den, sde, n_feat=n_feat, n_steps=n, solver="heun"),
-        "one_call": lambda n: eqx.Partial(one_call_sample, den, sde, n_feat=n_feat),
-        "two_call": lambda n: eqx.Partial(samplers.ddim_sample, den, sde, n_feat=n_feat, n_steps=1),
+        "ancestral": lambda n: eqx.Partial(samplers.Ancestral(n), den, n_feat=n_feat),
+        "pf_ode_heun": lambda n: eqx.Partial(samplers.PFODE(dfx.Heun(), n), den, n_feat=n_feat),
+        "one_call": lambda n: eqx.Partial(samplers.Consistency(), den, n_feat=n_feat),
+        "two_call": lambda n: eqx.Partial(samplers.DDIM(1), den, n_feat=n_feat),
     }
 
 
@@ -384,7 +381,7 @@ def bench_main_job(name: str, spec: ModelSpec, cfg: Config) -> dict:
     import tempfile
 
     from sde_mol import checkpoint
-    from sde_mol.configs import to_dict
+    from sde_mol.run.configs import to_dict
 
     spec = dataclasses.replace(spec, sde=dataclasses.replace(spec.sde, timesteps=200))
     n = cfg.main_job_molecules

@@ -192,22 +192,24 @@ def header_config(egnn: EGNN, settings: dict, source: str) -> dict:
 def denoiser_skeleton(config: dict) -> EpsDenoiser:
     """The tree of a converted checkpoint, from its header config (use with `checkpoint.load_with`)."""
     net = EGNN(**config["egnn"], key=jr.key(0))
-    table = jnp.zeros((config["spec"]["sde"]["timesteps"] + 1,), jnp.float32)
-    return EpsDenoiser(net, DiscreteVPSDE(table))
+    sde = config["spec"]["sde"]
+    table = jnp.zeros((sde["timesteps"] + 1,), jnp.float32)
+    return EpsDenoiser(net, DiscreteVPSDE(table, sde["power"], sde["precision"]))
 
 
 def convert(params: dict[str, np.ndarray], settings: dict) -> EpsDenoiser:
     """EDM weights -> `EpsDenoiser(EGNN, DiscreteVPSDE)`; the gamma table is the state dict's if present."""
     net = egnn_from_state_dict(params, egnn_config_from_edm(settings))
     steps = int(settings.get("diffusion_steps", T_STEPS))
+    power = float(settings.get("noise_power", 2.0))
+    precision = float(settings.get("diffusion_noise_precision", 1e-5))
     if "gamma.gamma" in params:
         table = np.asarray(params["gamma.gamma"])
         if table.shape != (steps + 1,):
             raise ValueError(f"gamma.gamma has shape {table.shape}; diffusion_steps = {steps} needs ({steps + 1},)")
-        sde = DiscreteVPSDE(table)
+        sde = DiscreteVPSDE(table, power, precision)
     else:
-        precision = float(settings.get("diffusion_noise_precision", 1e-5))
-        sde = DiscreteVPSDE.edm_polynomial(steps, float(settings.get("noise_power", 2.0)), precision)
+        sde = DiscreteVPSDE.edm_polynomial(steps, power, precision)
     return EpsDenoiser(net, sde)
 
 

@@ -15,7 +15,8 @@ from typing import Literal
 import tyro
 
 from sde_mol import checkpoint, cli
-from sde_mol.configs import load_denoiser, to_dict
+from sde_mol.run.configs import to_dict
+from sde_mol.run.load import load_denoiser
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Every batch has exactly `batch_size` molecules padded to a fixed capacity, so a jitted step compiles once per
 capacity. Without buckets the capacity is the dataset's (29 for QM9). With `buckets=(17, 20, 23, 29)` each
 molecule goes to the smallest bucket that holds it and every batch comes from one bucket, padded to that
-bucket's capacity: QM9 averages 18 atoms, so this cuts the O(N^2) edge work to 0.46 of padding everything to
-29 (measured on the train histogram), at the price of one compilation per bucket. Batch order is shuffled
+bucket's capacity: QM9 averages 18 atoms, so this cuts the O(N^2) edge work to about half of padding everything
+to 29 (experiments/NOTES.md, "QM9 size buckets"), at the price of one compilation per bucket. Batch order is shuffled
 across buckets each epoch.
 
 With `drop_last=False` a short batch is filled up with molecules from the start of its bucket's order and

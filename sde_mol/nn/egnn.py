@@ -28,10 +28,9 @@ to (n_atoms, n_atoms, hidden), instead of materialising [h_i, h_j, a_ij] for eve
 Weights are stored in PyTorch layout (`eqx.nn.Linear`: weight (out, in), bias (out,)), under the names of the
 EDM state dict (`edge_mlp_0` is `gcl_0.edge_mlp.0`, ...), so converting a reference checkpoint is a copy.
 The `n_layers` blocks are stacked along a leading axis (one pytree, one block class) and run with
-`jax.lax.scan(..., unroll=True)`, i.e. traced once but compiled as straight-line code. Measured on CPU
-(9 blocks, hidden 256, batch 64 x 29 slots, jit, 2 cores): a rolled scan compiles in ~2.1 s and runs the
-forward pass in ~1.50 s; fully unrolled it compiles in ~3.9 s and runs in ~1.10 s (the gradient 8.6 s vs
-6.8 s), the same as a Python loop over blocks. Run time wins; `_SCAN_UNROLL = 1` gives the rolled variant.
+`jax.lax.scan(..., unroll=True)`, i.e. traced once but compiled as straight-line code: on CPU it compiles more
+slowly than a rolled scan but runs faster, as fast as a Python loop over blocks (experiments/NOTES.md, "EGNN
+speed on CPU"). Run time wins; `_SCAN_UNROLL = 1` gives the rolled variant.
 
 Differences from the reference, on purpose:
 * NaN is never repaired. EDM replaces the position output of the WHOLE batch by zeros if any entry is NaN;
@@ -64,7 +63,7 @@ from ..molecule import remove_com
 from ..typing import Features, Key, NodeMask, Positions
 
 _EPS_NORM = 1e-8  # inside sqrt(d_ij + eps), as in the reference
-_SCAN_UNROLL = True  # see the module docstring: unrolled blocks run ~30 % faster on CPU
+_SCAN_UNROLL = True  # see the module docstring: unrolled blocks run faster on CPU
 
 
 def _dense(layer: eqx.nn.Linear, x: Float[Array, "*rest d_in"], dtype=None) -> Float[Array, "*rest d_out"]:
@@ -102,14 +101,14 @@ def edge_first_layer(
     receiver = h @ w[:, :nf].T + layer.bias  # (N, out), indexed by i
     sender = h @ w[:, nf : 2 * nf].T  # (N, out), indexed by j
     # the two distance columns as one K = 2 product: written as broadcast multiplies, XLA materialises each
-    # (N, N, out) broadcast weight for the backward pass (measured: ~8 % of a 5 x 128 training step on CPU)
+    # (N, N, out) broadcast weight for the backward pass (its cost: experiments/NOTES.md, "EGNN speed on CPU")
     geometry = jnp.stack([d, d0], axis=-1).astype(w.dtype) @ w[:, 2 * nf : 2 * nf + 2].T
     return receiver[:, None, :] + sender[None, :, :] + geometry
 
 
 def _sigmoid(x: Array) -> Array:
     """sigmoid(x) = (1 + tanh(x / 2)) / 2: the same function; XLA's CPU tanh is cheaper than its exp and divide
-    on the (n_atoms, n_atoms, hidden) edge tensors (measured: ~5 % of a 5 x 128 training step)."""
+    on the (n_atoms, n_atoms, hidden) edge tensors (experiments/NOTES.md, "EGNN speed on CPU")."""
     return 0.5 + 0.5 * jnp.tanh(0.5 * x)
 
 
@@ -402,12 +401,22 @@ class EGNN(eqx.Module):
         return out
 
 
+class _SiLU(eqx.Module):
+    """jax.nn.silu as a leafless module: a raw function leaf would break `jax.lax.stop_gradient` over a whole
+    model (the training step's target model, a consistency loss's boundary)."""
+
+    def __call__(self, x: Array) -> Array:
+        return jax.nn.silu(x)
+
+
 class MLPNet(eqx.Module):
     """A plain MLP over the flattened padded molecule, with the same call signature as `EGNN`.
 
     Input: [x * mask (n_atoms*3) | h * mask (n_atoms*n_feat) | mask (n_atoms) | t]; output reshaped to
     (n_atoms, 3 + n_feat), positions made CoM-free and masked, features masked. NOT equivariant: it is a
-    small student for tests against the exact (not rotation-invariant) oracle of a finite data set.
+    small student for tests against the exact (not rotation-invariant) oracle of a finite data set. Its
+    activations (SiLU, identity at the output) are modules without leaves, so the whole model can be
+    stop-gradiented as a target or boundary model.
     """
 
     mlp: eqx.nn.MLP
@@ -417,7 +426,14 @@ class MLPNet(eqx.Module):
     def __init__(self, n_atoms: int, n_feat: int, hidden: int, n_layers: int, *, key: Key, dtype=jnp.float32):
         n_in = n_atoms * (3 + n_feat) + n_atoms + 1
         self.mlp = eqx.nn.MLP(
-            n_in, n_atoms * (3 + n_feat), hidden, n_layers, activation=jax.nn.silu, key=key, dtype=dtype
+            n_in,
+            n_atoms * (3 + n_feat),
+            hidden,
+            n_layers,
+            activation=_SiLU(),
+            final_activation=eqx.nn.Identity(),
+            key=key,
+            dtype=dtype,
         )
         self.n_atoms = int(n_atoms)
         self.n_feat = int(n_feat)

@@ -39,8 +39,8 @@ and takes every target at or below s' from the frozen stage-1 model (`Consistenc
 `denoisers.TruncatedConsistencyFunction(stage1, stage2, s')`, is a consistency function again. With the iCT
 loss the boundary interval has the largest weight 1 / (s_{n+1} - s_n), which anchors the solution (with uniform
 weighting it collapses); on a fine grid a uniform draw reaches it too rarely and the solution collapses as well,
-so give it a fixed share of the draws (`TruncatedIndex(s', boundary_fraction)`; tests/test_consistency.py
-records the measurements).
+so give it a fixed share of the draws (`TruncatedIndex(s', boundary_fraction)`; `truncated_loss` builds stage 2
+from stage 1's objective; the measurements are in experiments/NOTES.md).
 
 Atom types and charges are channels of the state (EDM's [one-hot / 4 | Z / 10]): they are noised, stepped by
 the teacher and mapped by the consistency function jointly with the positions, exactly as EDM diffuses them;
@@ -48,6 +48,7 @@ samples are decoded as for every sampler (`samplers.decode`: argmax of the type 
 """
 
 import abc
+import dataclasses
 from collections.abc import Callable
 
 import diffrax as dfx
@@ -212,27 +213,43 @@ class TruncatedIndex(AbstractIndexSampler):
 
 
 class AbstractEstimator(eqx.Module):
-    """x^_n, the state at t_cur = t_n on (an estimate of) the PF-ODE trajectory through x_{n+1} at t_next."""
+    """x^_n, the state at t_cur = t_n on (an estimate of) the PF-ODE trajectory of `sde` through x_{n+1} at
+    t_next. The SDE is the objective's one SDE (the student's), passed in: an estimator holds none."""
 
     @abc.abstractmethod
     def __call__(
-        self, x0: Molecule, z_next: Molecule, noise: Molecule, mask: NodeMask, t_next: Real, t_cur: Real
+        self,
+        sde: AbstractSDE,
+        x0: Molecule,
+        z_next: Molecule,
+        noise: Molecule,
+        mask: NodeMask,
+        t_next: Real,
+        t_cur: Real,
     ) -> Molecule:
         raise NotImplementedError
 
 
 class TeacherStep(AbstractEstimator):
-    """Consistency distillation: ONE step of `solver` (a diffrax solver, as in `pf_ode_sample`) on the
-    teacher's PF-ODE from t_next to t_cur. The teacher is frozen (never differentiated)."""
+    """Consistency distillation: ONE step of `solver` (a diffrax solver, as in the `PFODE` sampler) on the
+    teacher's PF-ODE from t_next to t_cur. The teacher is frozen (never differentiated) and evaluated on the
+    objective's SDE (build the student on the teacher's SDE, or its continuous twin)."""
 
     teacher: AbstractDenoiser
     solver: dfx.AbstractSolver
 
     def __call__(
-        self, x0: Molecule, z_next: Molecule, noise: Molecule, mask: NodeMask, t_next: Real, t_cur: Real
+        self,
+        sde: AbstractSDE,
+        x0: Molecule,
+        z_next: Molecule,
+        noise: Molecule,
+        mask: NodeMask,
+        t_next: Real,
+        t_cur: Real,
     ) -> Molecule:
-        teacher = jax.lax.stop_gradient(self.teacher)
-        term = pf_ode_term(teacher, teacher.sde)
+        teacher = eqx.tree_at(lambda d: d.sde, jax.lax.stop_gradient(self.teacher), sde)
+        term = pf_ode_term(teacher, sde)
         return project(teacher_step(self.solver, term, t_next, t_cur, z_next, mask), mask)
 
 
@@ -240,12 +257,17 @@ class UnbiasedEstimator(AbstractEstimator):
     """Consistency training: x^_n = alpha(t_n) (x + s_n z) with the SAME data point and noise, the unbiased
     estimator of the trajectory (Song et al. 2023, Theorem 2): no teacher."""
 
-    sde: AbstractSDE
-
     def __call__(
-        self, x0: Molecule, z_next: Molecule, noise: Molecule, mask: NodeMask, t_next: Real, t_cur: Real
+        self,
+        sde: AbstractSDE,
+        x0: Molecule,
+        z_next: Molecule,
+        noise: Molecule,
+        mask: NodeMask,
+        t_next: Real,
+        t_cur: Real,
     ) -> Molecule:
-        alpha, sigma = self.sde.marginal(t_cur)
+        alpha, sigma = sde.marginal(t_cur)
         return alpha * x0 + sigma * noise
 
 
@@ -259,9 +281,9 @@ def time_of_sigma(sde: AbstractSDE, s: Real, at_min: Array, at_max: Array) -> Re
 
 
 class ConsistencyLoss(AbstractObjective):
-    """CD (`estimator=TeacherStep(...)`) or CT (`estimator=UnbiasedEstimator(sde)`); see the module docstring.
+    """CD (`estimator=TeacherStep(...)`) or CT (`estimator=UnbiasedEstimator()`); see the module docstring.
 
-    `model` and `target` are consistency functions of the same SDE as the estimator (`model.sde` is used).
+    One SDE: the model's (`model.sde`), on which the grid, the noise and the estimator all run.
     `n_points(step)` is the discretisation curriculum N(k) (`schedules.constant_n`, `song_ct_n`, `ict_n`
     wrapped in `eqx.Partial`): traced, so the compiled step serves every N.
 
@@ -324,13 +346,33 @@ class ConsistencyLoss(AbstractObjective):
         sde = model.sde
         target = model if target is None else target
         n, n_points, (s_cur, s_next, t_cur, t_next), noise, z_next = self.draw(sde, mol, mask, key=key, step=step)
-        z_cur = jax.lax.stop_gradient(self.estimator(mol, z_next, noise, mask, t_next, t_cur))
+        z_cur = jax.lax.stop_gradient(self.estimator(sde, mol, z_next, noise, mask, t_next, t_cur))
         f_next = model(t_next, z_next, mask)
         f_cur = self.target_at(target, sde, n, n_points, t_cur, z_cur, mask)
         loss = self.weighting(s_cur, s_next) * self.distance(f_next, f_cur, mask)
         dim = state_dim(mask, mol.n_feat)
         rmse = jnp.sqrt(_sq_norm(f_next, f_cur, mask) / dim)
         return loss, {"n_points": n_points.astype(jnp.float32), "rmse": rmse, "sigma": s_next}
+
+
+def truncated_loss(
+    objective: ConsistencyLoss,
+    boundary: AbstractDenoiser,
+    sigma: float,
+    *,
+    n_points: Curriculum | None = None,
+    boundary_fraction: float | None = None,
+) -> ConsistencyLoss:
+    """TCM's stage 2 of a stage-1 `objective`: the same estimator, distance, weighting and rho (and N(k) unless
+    `n_points` is given), trained on the intervals above s' = `sigma` only (`TruncatedIndex(sigma,
+    boundary_fraction)`), with the frozen stage-1 model `boundary` giving every target at and below s'."""
+    return dataclasses.replace(
+        objective,
+        n_points=objective.n_points if n_points is None else n_points,
+        index_sampler=TruncatedIndex(sigma, boundary_fraction),
+        boundary=boundary,
+        boundary_sigma=sigma,
+    )
 
 
 def consistency_training_target(sde: AbstractSDE, x0: Molecule, noise: Molecule, t: Scalar) -> Molecule:

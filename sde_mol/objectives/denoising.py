@@ -25,7 +25,7 @@ from ..data.qm9 import DatasetInfo
 from ..likelihood import kl_prior, log_p_xh_given_z0
 from ..molecule import Molecule, com_free_normal, n_real, project
 from ..sde import require_unit_interval
-from ..typing import IntScalar, Key, NodeMask
+from ..typing import IntScalar, Key, NodeMask, Scalar
 from .base import AbstractObjective
 
 
@@ -45,6 +45,18 @@ def _sq_err(a: Molecule, b: Molecule, mask: NodeMask) -> Float[Array, ""]:
     return jnp.sum(jnp.where(m, (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
         jnp.where(m, (a.features - b.features) ** 2, 0.0)
     )
+
+
+def eps_error(
+    model, x: Molecule, mask: NodeMask, t: Scalar, eps: Molecule
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """(sum of squared eps errors, number of state entries) of one molecule noised to time t with the given
+    noise: z_t = alpha_t x + sigma_t eps, error ||eps - model.eps(t, z_t)||^2 over the real atoms. Summed over
+    molecules and divided, it is the per-entry eps MSE at one noise level: with the same molecules and noise
+    for two models, a paired, low-variance comparison (unlike a one-draw VLB estimate)."""
+    alpha, sigma = model.sde.marginal(t)
+    eps_hat = model.eps(t, project(alpha * x + sigma * eps, mask), mask)
+    return _sq_err(eps, eps_hat, mask), jnp.sum(mask) * (3.0 + x.n_feat)
 
 
 class EDMEpsLoss(AbstractObjective):

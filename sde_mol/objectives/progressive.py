@@ -25,15 +25,15 @@ q(z_s | z_t, x0 = x_hat), which is exactly EDM's p(z_s | z_t) (`samplers.ancestr
 Lacombe & Vaidya report that a stochastic teacher gives better students for latent molecule diffusion. We
 could not read their Algorithm 1; our reading of it, which is the default (`student_eta = 0`): the two
 teacher steps are ancestral with fresh noise and the target is solved from the noisy endpoint as if the
-student's step were the deterministic DDIM step. Caveat, derived and measured: the expected target is then
+student's step were the deterministic DDIM step. Caveat (derived, and seen in tests): the expected target is then
 (E[z_t''] - r z_t) / (alpha_t'' - r alpha_t), r = sigma_t'' / sigma_t, whose small-step limit is
 2 x_hat - z_t / alpha_t (the mean of an ancestral step moves twice as far along the score as a DDIM step), so
 a deterministic student learns the reverse SDE's drift without its noise and over-denoises; against the exact
 oracle its samples miss every molecule (tests/test_progressive.py). `student_eta = 1` instead solves the
 target for the student's own ancestral step (`ddim_target(..., eta=1)` inverts the posterior mean; for a fixed
 x0 two posterior steps compose to one, so the first moment matches) and the student is then sampled with DDIM
-eta = 1: that lands on the oracle's molecules (87 % within 0.1 A after one 16 -> 8 round, against 94 % for
-the DDIM teacher; the target's variance grows like N, so it learns more slowly).
+eta = 1: that lands on the oracle's molecules, more slowly than a DDIM student (the target's variance grows
+like N; the figures: experiments/NOTES.md, "Progressive distillation with a DDPM teacher").
 
 One DDIM step function (`samplers.ddim_step`) serves the DDIM/DDPM samplers and this objective.
 

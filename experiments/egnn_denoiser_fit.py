@@ -1,20 +1,20 @@
 """Can the EGNN learn the DENOISER of the rotation-augmented toy oracle (the data of the slow EGNN consistency
-test in tests/test_consistency.py)? Trains `KarrasDenoiser(EGNN)` with `KarrasLoss` on the first K toy molecules
-under 32 fixed random rotations and reflections, and prints one JSON line every --every steps: the median
+test in tests/test_consistency.py: `data.fixed.toy_oracle` on EDM's VP schedule in continuous time)? Trains
+`KarrasDenoiser(EGNN)` with `KarrasLoss` on the first K toy molecules under 32 fixed random rotations and
+reflections, and prints one JSON line every --every steps: the median
 position RMSD to the clean molecule (same frame, 200 noised samples) of the EGNN's x0, of the exact denoiser's
 and of the noisy input itself (the identity), at four noise levels s = sigma / alpha.
 
 A consistency student cannot be better than the denoiser its network can learn, so this is the first check
-when the EGNN consistency test fails. Usage (~0.1 s per step on a 2-core CPU at hidden 64):
-    python tools/egnn_denoiser_fit.py --molecules 1 --steps 2000
-    python tools/egnn_denoiser_fit.py --molecules 4 --lr 3e-3 --hidden 128
+when the EGNN consistency test fails. Results: experiments/NOTES.md ("EGNN students against the
+rotation-augmented oracle"). Usage (~0.1 s per step on a 2-core CPU at hidden 64):
+    python experiments/egnn_denoiser_fit.py --molecules 1 --steps 2000
+    python experiments/egnn_denoiser_fit.py --molecules 4 --lr 3e-3 --hidden 128
 """
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -24,16 +24,14 @@ import numpy as np
 import optax
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import test_consistency as tc  # noqa: E402  (the toy molecules and the SDE of the tests)
-
-from sde_mol.denoisers import KarrasDenoiser  # noqa: E402
-from sde_mol.molecule import Molecule, com_free_normal, project  # noqa: E402
-from sde_mol.nn.egnn import EGNN  # noqa: E402
-from sde_mol.objectives.denoising import KarrasLoss  # noqa: E402
-from sde_mol.oracle import rotation_augmented  # noqa: E402
-from sde_mol.train import init_state, make_step  # noqa: E402
+from sde_mol.data.fixed import toy_oracle
+from sde_mol.denoisers import KarrasDenoiser
+from sde_mol.molecule import Molecule, com_free_normal, project
+from sde_mol.nn.egnn import EGNN
+from sde_mol.objectives.denoising import KarrasLoss
+from sde_mol.oracle import OracleDenoiser, rotation_augmented
+from sde_mol.sde import PolynomialVPSDE
+from sde_mol.training.state import init_state, make_step
 
 LEVELS = (0.05, 0.2, 0.5, 1.0)
 
@@ -41,7 +39,7 @@ LEVELS = (0.05, 0.2, 0.5, 1.0)
 @dataclass(frozen=True)
 class Config:
     molecules: int = 4
-    """K: the first K of the tests' toy molecules (1..4)"""
+    """K: the first K of the toy oracle's molecules (1..4)"""
     rotations: int = 32
     steps: int = 2000
     every: int = 500
@@ -56,10 +54,10 @@ class Config:
 
 
 @eqx.filter_jit
-def _rmsds(model, teacher, s: float, key):
-    """(EGNN x0, exact x0, noisy input / alpha) RMSDs to the clean molecule for 200 draws at level s (a Python
-    float: static, so each level compiles once per run)."""
-    sde, mask = tc.SDE, tc.MASK
+def _rmsds(model, teacher: OracleDenoiser, s: float, n_real: int, key):
+    """(EGNN x0, exact x0, noisy input / alpha) RMSDs over the first `n_real` atoms (the real ones) to the clean
+    molecule for 200 draws at level s (a Python float: static, so each level compiles once per run)."""
+    sde, mask, n_feat = teacher.sde, teacher.mask, teacher.data.features.shape[-1]
     t = sde.t_from_logsnr(-2.0 * jnp.log(jnp.float32(s)))
     alpha, sigma = sde.marginal(t)
 
@@ -67,29 +65,31 @@ def _rmsds(model, teacher, s: float, key):
         k_mol, k_noise = jr.split(key)
         i = jr.randint(k_mol, (), 0, teacher.data.positions.shape[0])
         x = Molecule(teacher.data.positions[i], teacher.data.features[i])
-        z = project(alpha * x + sigma * com_free_normal(k_noise, mask, tc.N_FEAT, jnp.float32), mask)
+        z = project(alpha * x + sigma * com_free_normal(k_noise, mask, n_feat, jnp.float32), mask)
 
         def rmsd(y):
-            return jnp.sqrt(jnp.sum((y.positions - x.positions)[: tc.M] ** 2, -1).mean())
+            return jnp.sqrt(jnp.sum((y.positions - x.positions)[:n_real] ** 2, -1).mean())
 
         return rmsd(model(t, z, mask)), rmsd(teacher(t, z, mask)), rmsd(z / alpha)
 
     return jax.vmap(one)(jr.split(key, 200))
 
 
-def errors(model, teacher, s: float, key) -> dict[str, float]:
+def errors(model, teacher: OracleDenoiser, s: float, key) -> dict[str, float]:
     """Median RMSD to the clean molecule of (EGNN x0, exact x0, noisy input / alpha) at level s."""
-    egnn, exact, identity = _rmsds(model, teacher, s, key)
+    egnn, exact, identity = _rmsds(model, teacher, s, int(teacher.mask.sum()), key)
     return {name: float(np.median(v)) for name, v in (("egnn", egnn), ("exact", exact), ("identity", identity))}
 
 
 def main(cfg: Config) -> list[dict]:
-    if not 1 <= cfg.molecules <= tc.K:
-        raise ValueError(f"--molecules {cfg.molecules}: expected 1..{tc.K}")
-    data = jax.tree.map(lambda a: a[: cfg.molecules], tc.DATA)
-    teacher = rotation_augmented(data, tc.MASK, tc.SDE, cfg.rotations, key=jr.key(5), reflect=True)
+    toy = toy_oracle(PolynomialVPSDE())
+    n_data, capacity, n_feat = toy.data.features.shape
+    if not 1 <= cfg.molecules <= n_data:
+        raise ValueError(f"--molecules {cfg.molecules}: expected 1..{n_data}")
+    data = jax.tree.map(lambda a: a[: cfg.molecules], toy.data)
+    teacher = rotation_augmented(data, toy.mask, toy.sde, cfg.rotations, key=jr.key(5), reflect=True)
     model = KarrasDenoiser(
-        EGNN(tc.N_FEAT, cfg.hidden, cfg.layers, key=jr.key(cfg.seed)), tc.SDE, sigma_data=cfg.sigma_data
+        EGNN(n_feat, cfg.hidden, cfg.layers, key=jr.key(cfg.seed)), toy.sde, sigma_data=cfg.sigma_data
     )
     decay = (1.0 / cfg.lr_decay) ** (1.0 / cfg.steps)
     optimizer = optax.chain(
@@ -97,7 +97,7 @@ def main(cfg: Config) -> list[dict]:
     )
     state = init_state(model, optimizer)
     step = make_step(KarrasLoss(), optimizer, ema_decay=0.0, max_traces=1)
-    masks, weights = jnp.broadcast_to(tc.MASK, (cfg.batch, tc.CAPACITY)), jnp.ones(cfg.batch)
+    masks, weights = jnp.broadcast_to(toy.mask, (cfg.batch, capacity)), jnp.ones(cfg.batch)
     rng, t0, rows_out = np.random.default_rng(cfg.seed), time.perf_counter(), []
     for i in range(1, cfg.steps + 1):
         rows = rng.integers(0, teacher.data.positions.shape[0], cfg.batch)

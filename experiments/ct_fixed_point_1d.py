@@ -14,16 +14,11 @@ between the points is the l1 case where the targets split between points. The on
 f_{N-1}(x), x ~ N(0, s_max^2), is scored: the prior mass within --tol of a point, per point (the data weights
 are the exact answer).
 
-Measured (default points -1 / 0.2 / 1 with weights 0.25 / 0.25 / 0.5; `python tools/ct_fixed_point_1d.py`):
-cd lands on the points in the data's proportions; l1 lands on points in the WRONG proportions (~0.16 / 0.33 /
-0.50) at every N: its boundaries between basins move to where the posterior majority changes, by up to the
-step's spread per level, which does not vanish as N grows; l2 is right in the limit but blurs at finite N
-(mass within 0.05 of a point rising with N from ~0.24 at N = 18 to ~0.9 at N = 2561). The cd and l1 rows
-lose a little mass within --tol as N grows (0.99 -> 0.97 for cd from N = 161 to 2561): every level's linear
-interpolation smooths f a little; a finer --grid shrinks that. ~90 s at the defaults.
+Each (target, N) prints one JSON line, then one line with the config, the data weights and every row. Results:
+experiments/NOTES.md ("CT's population fixed point in one dimension"); tests/test_ct_fixed_point.py checks them.
 
 Usage:
-    python tools/ct_fixed_point_1d.py [--points -1 0.2 1] [--weights 0.25 0.25 0.5] [--n-points 18 161 641 2561]
+    python experiments/ct_fixed_point_1d.py [--points -1 0.2 1] [--weights 0.25 0.25 0.5] [--n-points 18 161 641 2561]
 """
 
 import json

@@ -1,8 +1,9 @@
-"""What the consistency recipes share (recipes/consistency_distill.py and recipes/consistency_train.py): the data
-sources, the continuous-time teacher, the student, the training run and its checkpoints.
+"""What the consistency recipes share (recipes/consistency_distill.py and recipes/consistency_train.py): the QM9
+data source (the fixed molecules of oracle:<n> / fixed:<n> come from `data.fixed`), the continuous-time teacher,
+the student, the training run and its checkpoints.
 
 Checkpoints. A run writes `last.eqx`, kind "train_state" (model, EMA model, target model or None, optimiser
-state, step), which `configs.load_denoiser` reads like every training state (its EMA model by default), and at
+state, step), which `run.load.load_denoiser` reads like every training state (its EMA model by default), and at
 the end of every invocation `student.eqx`, kind "denoiser", the EMA consistency function. Both headers hold the
 student's `ModelSpec` (parametrisation "consistency" or "eps_consistency", a continuous-time SDE), so
 `load_denoiser` rebuilds a `ConsistencyFunction` / `EpsConsistencyFunction`, and a "consistency" entry: the
@@ -21,7 +22,7 @@ T = 1000 table levels). The consistency grid's times (rho-spaced in sigma / alph
 the table's knots, where the lookup snaps them onto the nearest level: grid points closer than half a table
 step collapse onto one noise level, while the teacher's PF-ODE step between them (with the interpolated
 table's rates) still moves the state, so the student would be asked to be consistent across steps it cannot
-see, and every grid noise level is off the marginal it is drawn from. `configs.continuous_teacher` therefore re-wraps
+see, and every grid noise level is off the marginal it is drawn from. `run.build.continuous_teacher` therefore re-wraps
 the teacher's network with the continuous twin of its schedule (`PolynomialVPSDE` of the same power and
 precision, which equals EDM's table at every knot up to the table's float32 rounding; checked here), and the
 student lives on that SDE too. The network is unchanged: it receives the raw time t, on which it was trained at
@@ -33,39 +34,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 
-from . import checkpoint, metrics
-from .configs import (
-    DataConfig,
-    ModelSpec,
-    SamplerConfig,
-    build_sampler,
-    continuous_sde_config,
-    dataset_info,
-    denoiser_from,
-    load_denoiser,
-    optimizer_from,
-    to_dict,
-)
-from .data.loader import Batch, BatchIterator, encode_split
-from .data.qm9 import load_qm9
-from .denoisers import AbstractDenoiser, TruncatedConsistencyFunction
-from .molecule import Molecule
-from .oracle import OracleDenoiser, rotation_augmented
-from .samplers import sample_molecules
-from .sde import AbstractSDE
-from .train import (
-    compute_dtype_from,
-    count_params,
-    host_batches,
-    init_state,
-    make_step,
-    run_loop,
-    to_device as batch_to_device,
-)
+from .. import checkpoint, metrics
+from ..data.loader import BatchIterator
+from ..data.qm9 import load_qm9
+from ..denoisers import AbstractDenoiser, TruncatedConsistencyFunction
+from ..samplers import sample_molecules
+from ..training.loop import run_loop
+from ..training.prefetch import host_batches, to_device as batch_to_device
+from ..training.state import compute_dtype_from, count_params, init_state, make_step
+from .build import build_sampler, build_sde_from, continuous_sde_config, dataset_info, denoiser_from, optimizer_from
+from .configs import DataConfig, ModelSpec, SamplerConfig, to_dict
+from .load import load_denoiser
 
 CONSISTENCY_PARAMETRISATIONS = ("consistency", "eps_consistency")
 
@@ -81,36 +62,6 @@ def parse_count(value: str, prefix: str, flag: str) -> int | None:
 
 
 # --- data --------------------------------------------------------------------------------------------------
-
-
-def fixed_molecules(n: int, n_atoms: int, rotations: int, sde: AbstractSDE, *, seed: int, batch_size: int, data_seed):
-    """The first n QM9 train molecules with `n_atoms` atoms, each under `rotations` fixed random rotations:
-    (their exact `OracleDenoiser` on `sde`, host batches drawing its molecules uniformly, seeded per step)."""
-    info = dataset_info("qm9")
-    train = load_qm9("train")
-    idx = np.flatnonzero(train.n_atoms == n_atoms)[:n]
-    if len(idx) < n:
-        raise ValueError(f"QM9's train split has only {len(idx)} molecules of {n_atoms} atoms (asked for {n})")
-    pos, feat, mask = encode_split(train.subset(idx), info)
-    data, mask = Molecule(jnp.asarray(pos), jnp.asarray(feat)), jnp.asarray(mask[0])
-    if rotations > 1:
-        oracle = rotation_augmented(data, mask, sde, rotations, key=jr.PRNGKey(seed + 1))
-    else:
-        oracle = OracleDenoiser(data, mask, sde)
-    rows_x, rows_h, m = np.asarray(oracle.data.positions), np.asarray(oracle.data.features), np.asarray(mask)
-
-    def batches(start: int):
-        for k in range(start, 2**62):
-            i = np.random.default_rng([data_seed, k]).integers(0, rows_x.shape[0], batch_size)
-            yield Batch(
-                rows_x[i],
-                rows_h[i],
-                np.broadcast_to(m, (batch_size, m.shape[0])),
-                np.full(batch_size, m.sum()),
-                np.ones(batch_size, np.float32),
-            )
-
-    return oracle, batches
 
 
 def qm9_batches(data: DataConfig, *, seed: int):
@@ -132,7 +83,7 @@ def check_student_spec(spec: ModelSpec) -> None:
             f"--spec.denoiser.parametrisation {spec.denoiser.parametrisation!r}: a consistency student needs one of "
             f"{CONSISTENCY_PARAMETRISATIONS}"
         )
-    if continuous_sde_config(spec.sde) != spec.sde:
+    if build_sde_from(spec.sde).time_resolution is not None:
         raise ValueError(
             f"--spec.sde.name {spec.sde.name!r} is piecewise constant in time: consistency models need a "
             f"continuous-time SDE (its twin is {continuous_sde_config(spec.sde).name!r})"
