@@ -24,8 +24,7 @@ Writes config.json, metrics.jsonl, last.eqx (a train_state: --resume it, or samp
 (a denoiser: the EMA consistency function; the header records the consistency sampler) and result.json.
 """
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,31 +33,20 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, cli
-from sde_mol.data.fixed import fixed_molecules
-from sde_mol.latent import is_latent
+from sde_mol import cli
 from sde_mol.objectives.consistency import TeacherStep
-from sde_mol.run import recipe as cr
-from sde_mol.run.build import build_consistency_loss, build_denoiser, continuous_teacher, solver_from_name
+from sde_mol.run import consistency as cr, recipe as rr
+from sde_mol.run.build import build_consistency_loss, build_denoiser, solver_from_name
 from sde_mol.run.configs import (
-    ConsistencyLossConfig,
-    DataConfig,
-    DenoiserConfig,
-    ModelConfig,
     ModelSpec,
-    OptimConfig,
-    SDEConfig,
-    to_dict,
 )
-from sde_mol.run.load import load_denoiser
 from sde_mol.schedules import constant_n
-from sde_mol.training.loop import LoopConfig
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cr.RunConfig):
     teacher: str = str(DEFAULT_CHECKPOINT)
     """an sde_mol checkpoint (denoiser, or train_state: its EMA model), or oracle:<n>: the exact denoiser of the
     first n QM9 train molecules with --oracle-atoms atoms (under --oracle-rotations rotations)"""
@@ -68,37 +56,15 @@ class Config:
     """N: grid points in sigma / alpha (Song et al.: 18 on CIFAR-10)"""
     mu: float = 0.95
     """target EMA rate (Song et al. 0.95; 0 = the target is the student itself, iCT)"""
-    loss: ConsistencyLossConfig = field(default_factory=ConsistencyLossConfig)
     init: Literal["auto", "teacher", "scratch"] = "auto"
     """student initialisation: teacher = a copy of a checkpoint teacher's network (ECT); scratch = a new network
-    from --spec; auto = teacher for checkpoints, scratch for oracle teachers"""
-    spec: ModelSpec = field(
-        default_factory=lambda: ModelSpec(
-            ModelConfig(hidden=64, n_layers=4), SDEConfig("vp_polynomial"), DenoiserConfig("consistency", 0.5)
-        )
-    )
-    """a scratch student (its SDE is replaced by the teacher's continuous SDE)"""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, ema_decay=0.9999, clip="1.0"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=(17, 20, 23, 29)))
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100_000, log_every=100, ckpt_every=1000))
+    from --spec (its SDE is replaced by the teacher's continuous SDE); auto = teacher for checkpoints, scratch for
+    oracle teachers"""
     oracle_atoms: int = 12
     """oracle:<n> takes molecules of this size (one node mask)"""
     oracle_rotations: int = 8
     """oracle:<n> holds each molecule under this many fixed random rotations (1 = as stored)"""
-    eval_samples: int = 0
-    """molecules sampled and scored at the end for each of --eval-steps; 0 = skip"""
-    eval_steps: tuple[int, ...] = (1, 2)
     out_dir: Path = Path("runs/cd")
-    resume: Path | None = None
-    """a last.eqx of this recipe (same teacher and settings) to continue from"""
-    init_seed: int = 0
-    boundary: Path | None = None
-    """TCM stage 2 (Lee et al. 2025): a stage-1 student.eqx of this recipe; the student starts from its network,
-    trains only above --truncation-sigma (needs --loss.index uniform) and takes its targets at and below it from
-    the frozen stage-1 model; student.eqx is then the joined truncated consistency model"""
-    truncation_sigma: float | None = None
-    """with --boundary: TCM's truncation level s' (in sigma / alpha, e.g. 0.16)"""
-    dry_run: bool = False
 
 
 def setup(cfg: Config):
@@ -115,39 +81,30 @@ def setup(cfg: Config):
 
 
 def teacher_and_student(cfg: Config):
-    n = cr.parse_count(cfg.teacher, "oracle", "--teacher")
+    n = rr.parse_count(cfg.teacher, "oracle", "--teacher")
     if n is not None:
         if cfg.init == "teacher":
             raise ValueError("--init teacher: an oracle teacher has no network to copy (use --init scratch)")
-        spec = cfg.spec
-        cr.check_student_spec(spec)
-        student = build_denoiser(spec, key=jr.PRNGKey(cfg.init_seed))
-        teacher, batches = fixed_molecules(
-            n, cfg.oracle_atoms, student.sde, rotations=cfg.oracle_rotations, seed=cfg.init_seed,
-            batch_size=cfg.data.batch_size, data_seed=cfg.train.seed,
+        cr.check_student_spec(cfg.spec)
+        teacher, student, batches = rr.oracle_teacher(
+            n, cfg.spec, atoms=cfg.oracle_atoms, rotations=cfg.oracle_rotations, init_seed=cfg.init_seed,
+            data=cfg.data, data_seed=cfg.train.seed,
         )  # fmt: skip
-        return teacher, student, spec, batches
-    path = Path(cfg.teacher)
-    if not path.is_file():
-        raise FileNotFoundError(f"--teacher {path} does not exist (a checkpoint path, or oracle:<n>)")
-    if is_latent(checkpoint.read_header(path)):
-        raise ValueError(f"--teacher {path}: latent teachers are not supported by consistency distillation yet")
-    teacher, teacher_spec, _ = load_denoiser(path)
-    teacher, teacher_spec = continuous_teacher(teacher, teacher_spec)
+        return teacher, student, cfg.spec, batches
+    teacher, teacher_spec, _, _ = rr.checkpoint_teacher(Path(cfg.teacher), continuous_time=True, latent_ok=False)
     if cfg.init == "scratch":
         spec = ModelSpec(cfg.spec.model, teacher_spec.sde, cfg.spec.denoiser, teacher_spec.dataset)
         student = build_denoiser(spec, key=jr.PRNGKey(cfg.init_seed))
     else:
         student, spec = cr.student_from_teacher(teacher, teacher_spec)
-    return teacher, student, spec, cr.qm9_batches(cfg.data, seed=cfg.train.seed)
+    return teacher, student, spec, rr.qm9_batches(cfg.data, seed=cfg.train.seed)
 
 
 def main(cfg: Config) -> dict:
-    print(json.dumps(to_dict(cfg), indent=2, default=str))
-    if cfg.dry_run:
-        return {}
     if cfg.n_points < 2 or not 0.0 <= cfg.mu <= 1.0:
         raise ValueError(f"--n-points {cfg.n_points} must be >= 2 and --mu {cfg.mu} in [0, 1]")
+    if rr.start(cfg) is None:
+        return {}
     teacher, student, spec, batches, boundary = setup(cfg)
     estimator = TeacherStep(teacher, solver_from_name(cfg.solver))
     cut = None if boundary is None else cfg.truncation_sigma

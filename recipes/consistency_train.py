@@ -24,7 +24,6 @@ Writes config.json, metrics.jsonl, last.eqx (a train_state: --resume it, or samp
 (a denoiser: the EMA consistency function; the header records the consistency sampler) and result.json.
 """
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,33 +36,25 @@ import tyro
 from sde_mol import cli, schedules
 from sde_mol.data.fixed import fixed_molecules
 from sde_mol.objectives.consistency import UnbiasedEstimator
-from sde_mol.run import recipe as cr
+from sde_mol.run import consistency as cr, recipe as rr
 from sde_mol.run.build import build_consistency_loss, build_denoiser, continuous_teacher
 from sde_mol.run.configs import (
     ConsistencyLossConfig,
-    DataConfig,
-    DenoiserConfig,
-    ModelConfig,
-    ModelSpec,
-    OptimConfig,
-    SDEConfig,
-    to_dict,
 )
 from sde_mol.run.load import load_denoiser
-from sde_mol.training.loop import LoopConfig
 
 # (s0, s1) of N(k) per curriculum: ict_n's 10 -> 1280 (N = s + 1), song_ct_n's 2 -> 150
 CURRICULUM_DEFAULTS = {"ict": (10, 1280), "song": (2, 150)}
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cr.RunConfig):
     curriculum: Literal["ict", "song"] = "ict"
     """N(k) and target EMA: iCT's doubling N, no target EMA; or Song's square-root N with mu(k)"""
     n_min: int | None = None
     """s0 of the curriculum (None: ict 10, song 2)"""
     n_max: int | None = None
-    """s1 of the curriculum (None: ict 1280, song 150)"""
+    """s1 of the curriculum (None: ict 1280, song 150); train.steps is the curriculum's length K"""
     mu0: float = 0.9
     """song: the target EMA rate at N = s0 (Song et al.: 0.9)"""
     loss: ConsistencyLossConfig = field(
@@ -76,30 +67,7 @@ class Config:
     fixed_rotations: int = 8
     init_from: Path | None = None
     """a diffusion checkpoint whose network the student starts from (ECT); None = a new network from --spec"""
-    spec: ModelSpec = field(
-        default_factory=lambda: ModelSpec(
-            ModelConfig(hidden=64, n_layers=4), SDEConfig("vp_polynomial"), DenoiserConfig("consistency", 0.5)
-        )
-    )
-    """the student (a consistency parametrisation on a continuous-time SDE), unless --init-from"""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, ema_decay=0.9999, clip="1.0"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=(17, 20, 23, 29)))
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100_000, log_every=100, ckpt_every=1000))
-    """train.steps is also the curriculum's length K"""
-    eval_samples: int = 0
-    """molecules sampled and scored at the end for each of --eval-steps; 0 = skip"""
-    eval_steps: tuple[int, ...] = (1, 2)
     out_dir: Path = Path("runs/ct")
-    resume: Path | None = None
-    """a last.eqx of this recipe (same curriculum and settings) to continue from"""
-    init_seed: int = 0
-    boundary: Path | None = None
-    """TCM stage 2 (Lee et al. 2025): a stage-1 student.eqx of this recipe; the student starts from its network,
-    trains only above --truncation-sigma (needs --loss.index uniform) and takes its targets at and below it from
-    the frozen stage-1 model; student.eqx is then the joined truncated consistency model"""
-    truncation_sigma: float | None = None
-    """with --boundary: TCM's truncation level s' (in sigma / alpha, e.g. 0.16)"""
-    dry_run: bool = False
 
 
 def curriculum(cfg: Config):
@@ -129,22 +97,21 @@ def setup(cfg: Config):
         spec = cfg.spec
         cr.check_student_spec(spec)
         student = build_denoiser(spec, key=jr.PRNGKey(cfg.init_seed))
-    n = cr.parse_count(cfg.molecules, "fixed", "--molecules")
+    n = rr.parse_count(cfg.molecules, "fixed", "--molecules")
     if n is not None:
         _, batches = fixed_molecules(
             n, cfg.fixed_atoms, student.sde, rotations=cfg.fixed_rotations, seed=cfg.init_seed,
             batch_size=cfg.data.batch_size, data_seed=cfg.train.seed,
         )  # fmt: skip
     elif cfg.molecules == "qm9":
-        batches = cr.qm9_batches(cfg.data, seed=cfg.train.seed)
+        batches = rr.qm9_batches(cfg.data, seed=cfg.train.seed)
     else:
         raise ValueError(f"--molecules {cfg.molecules!r}: expected qm9 or fixed:<n>")
     return student, spec, batches, boundary
 
 
 def main(cfg: Config) -> dict:
-    print(json.dumps(to_dict(cfg), indent=2, default=str))
-    if cfg.dry_run:
+    if rr.start(cfg) is None:
         return {}
     n_points, with_target, mu, s0, s1 = curriculum(cfg)
     student, spec, batches, boundary = setup(cfg)

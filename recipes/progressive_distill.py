@@ -32,24 +32,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import equinox as eqx
-import jax.random as jr
 import optax
 import tyro
 
-from sde_mol import checkpoint, cli, metrics
-from sde_mol.data.fixed import fixed_molecules
-from sde_mol.data.loader import BatchIterator
-from sde_mol.data.qm9 import load_qm9
-from sde_mol.latent import LatentObjective, LatentSampler, is_latent, load_latent
+from sde_mol import checkpoint, cli
+from sde_mol.latent import LatentObjective
 from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation
-from sde_mol.run.build import build_denoiser, build_sampler, continuous_teacher, dataset_info, optimizer_from
+from sde_mol.run import recipe as rr
+from sde_mol.run.build import optimizer_from
 from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, to_dict
-from sde_mol.run.load import load_denoiser
-from sde_mol.samplers import sample_molecules
-from sde_mol.training.loop import LoopConfig, run_loop
-from sde_mol.training.prefetch import host_batches, to_device as batch_to_device
-from sde_mol.training.state import compute_dtype_from, count_params, init_state, make_step
+from sde_mol.training.loop import LoopConfig
+from sde_mol.training.state import count_params
 
 ETA = {"ddim": 0.0, "ddpm": 1.0}
 
@@ -103,40 +96,6 @@ class Config:
     dry_run: bool = False
 
 
-def oracle_setup(cfg: Config, n: int):
-    """(oracle teacher, student, spec, no autoencoder, no header additions, host batch source) for oracle:<n>."""
-    student = build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed))
-    try:
-        oracle, batches = fixed_molecules(
-            n, cfg.oracle_atoms, student.sde, rotations=cfg.oracle_rotations, seed=cfg.init_seed,
-            batch_size=cfg.data.batch_size, data_seed=cfg.train.seed,
-        )  # fmt: skip
-    except ValueError as e:
-        raise ValueError(f"--teacher oracle:{n}: {e}") from None
-    return oracle, student, cfg.spec, None, {}, batches
-
-
-def checkpoint_setup(cfg: Config, path: Path):
-    """(None, student = the teacher's copy, spec, autoencoder or None, header additions, host batch source)
-    for a checkpoint teacher."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--teacher {path} does not exist (a checkpoint path, or oracle:<n>)")
-    extra = {}
-    if is_latent(checkpoint.read_header(path)):
-        teacher, autoencoder, spec, header = load_latent(path)
-        extra = {"latent": True, "autoencoder": header["config"]["autoencoder"]}
-    else:
-        (teacher, spec, _), autoencoder = load_denoiser(path), None
-    if cfg.continuous_time:
-        teacher, spec = continuous_teacher(teacher, spec)
-    info = dataset_info(spec.dataset)
-    train = load_qm9("train")
-    if cfg.data.n_train is not None:
-        train = train.subset(slice(0, cfg.data.n_train))
-    iterator = BatchIterator(train, info, cfg.data.batch_size, seed=cfg.train.seed, buckets=cfg.data.buckets)
-    return None, teacher, spec, autoencoder, extra, lambda start: host_batches(iterator, start)
-
-
 def build_optimizer(cfg: Config) -> optax.GradientTransformation:
     base = optimizer_from(cfg.optim)
     if not cfg.lr_decay:
@@ -147,76 +106,50 @@ def build_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 def main(cfg: Config) -> list[dict]:
     schedule = HalvingSchedule(cfg.teacher_steps, cfg.steps_per_round, cfg.rounds)  # validates the grid
-    print(json.dumps(to_dict(cfg), indent=2, default=str))
-    if cfg.dry_run:
+    full = rr.start(cfg)
+    if full is None:
         return []
-    if cfg.teacher.startswith("oracle:"):
-        n = cfg.teacher.removeprefix("oracle:")
-        if not n.isdigit() or int(n) < 1:
-            raise ValueError(f"--teacher {cfg.teacher!r}: expected oracle:<n> with a positive integer n")
-        oracle, student, spec, autoencoder, extra, batches = oracle_setup(cfg, int(n))
-    else:
-        oracle, student, spec, autoencoder, extra, batches = checkpoint_setup(cfg, Path(cfg.teacher))
+    n = rr.parse_count(cfg.teacher, "oracle", "--teacher")
+    if n is not None:
+        oracle, student, batches = rr.oracle_teacher(
+            n, cfg.spec, atoms=cfg.oracle_atoms, rotations=cfg.oracle_rotations, init_seed=cfg.init_seed,
+            data=cfg.data, data_seed=cfg.train.seed,
+        )  # fmt: skip
+        spec, autoencoder, extra = cfg.spec, None, {}
+    else:  # the student starts as a copy of the teacher
+        oracle, batches = None, rr.qm9_batches(cfg.data, seed=cfg.train.seed)
+        student, spec, autoencoder, extra = rr.checkpoint_teacher(
+            Path(cfg.teacher), continuous_time=cfg.continuous_time, latent_ok=True
+        )
     sde = student.sde
     if sde.time_resolution is not None and cfg.teacher_steps > sde.time_resolution:
         raise ValueError(
             f"--teacher-steps {cfg.teacher_steps}: finer than the teacher's discrete schedule of {sde.time_resolution} "
             "steps (its grid nodes would repeat); add --continuous-time to distil on its continuous twin"
         )
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     objective = ProgressiveDistillation(
         sde, schedule, oracle, teacher_eta=ETA[cfg.sampler], student_eta=ETA[cfg.target]
     )
     if autoencoder is not None:
         objective = LatentObjective(objective, autoencoder)
     optimizer = build_optimizer(cfg)
-    full = json.loads(json.dumps(to_dict(cfg), default=str))
     hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full}
-    if cfg.resume is not None:
-        stored = checkpoint.read_header(cfg.resume)["config"].get("full", {})
-        for key in ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time"):
-            if stored.get(key) != hcfg["full"][key]:
-                raise ValueError(
-                    f"{cfg.resume}: its {key} {stored.get(key)!r} differs from the requested {hcfg['full'][key]!r}"
-                )
-        like = eqx.filter_eval_shape(lambda: init_state(student, optimizer, with_target=True))
-        state = checkpoint.load(cfg.resume, like, kind="progressive_train_state")
-        print(f"resumed from {cfg.resume} at step {int(state.step)}")
-    else:
-        state = init_state(student, optimizer, with_target=True)  # the student starts as its teacher
-    print(
-        f"student parameters: {count_params(state.model):,}; rounds {cfg.rounds}: {cfg.teacher_steps} -> "
-        f"{schedule.steps_of_round(cfg.rounds - 1)} steps"
+    keys = ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time")
+    state = rr.initial_state(
+        student, optimizer, with_target=True, resume=cfg.resume, full=full, keys=keys, kind="progressive_train_state"
     )
-    step_fn = make_step(
-        objective,
-        optimizer,
-        ema_decay=cfg.optim.ema_decay,
-        target_decay=schedule.target_decay,
-        donate=True,
-        compute_dtype=compute_dtype_from(cfg.train.precision),
-    )
-
-    def save_state(path, st):
-        checkpoint.save(path, st, kind="progressive_train_state", config=hcfg, step=int(st.step))
-
+    print(f"student parameters: {count_params(state.model):,}; rounds {cfg.rounds}: {cfg.teacher_steps} -> "
+          f"{schedule.steps_of_round(cfg.rounds - 1)} steps")  # fmt: skip
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     summary = []
     for r in range(int(state.step) // cfg.steps_per_round, cfg.rounds):
         end = (r + 1) * cfg.steps_per_round
         minutes = None if deadline is None else max((deadline - time.perf_counter()) / 60, 1e-3)
-        loop = replace(cfg.train, steps=end, max_minutes=minutes)
-        state = run_loop(
-            state,
-            step_fn,
-            batches,
-            cfg=loop,
-            out_dir=cfg.out_dir,
-            save=save_state,
-            batch_size=cfg.data.batch_size,
-            to_device=batch_to_device,
-        )
+        state = rr.fit(
+            state, objective, optimizer, batches, loop=replace(cfg.train, steps=end, max_minutes=minutes),
+            ema_decay=cfg.optim.ema_decay, target_decay=schedule.target_decay, out_dir=cfg.out_dir, header=hcfg,
+            batch_size=cfg.data.batch_size, kind="progressive_train_state",
+        )  # fmt: skip
         if int(state.step) < end:
             print(f"stopped in round {r} at step {int(state.step)}; resume with --resume {cfg.out_dir / 'last.eqx'}")
             break
@@ -246,14 +179,7 @@ def save_student(cfg: Config, r: int, schedule, den, spec, autoencoder, hcfg: di
         checkpoint.save(path, (den, autoencoder), kind="latent_denoiser", config=config, step=step)
     row = {"round": r, "student_steps": n, "checkpoint": str(path), "step": step}
     if cfg.eval_samples and (cfg.eval_max_steps is None or n <= cfg.eval_max_steps):
-        info = dataset_info(spec.dataset)
-        fn = build_sampler(sampler, den, info.n_feat if autoencoder is None else autoencoder.latent_channels)
-        fn = fn if autoencoder is None else LatentSampler(fn, autoencoder)
-        res = sample_molecules(
-            fn, cfg.eval_samples, info, key=jr.PRNGKey(cfg.train.seed + 2), batch_size=cfg.eval_samples
-        )
-        m = metrics.evaluate_samples(res, None, atom_decoder=info.atom_decoder)
-        row.update({k: v for k, v in m.items() if v is not None})
+        row |= rr.score_sampler(sampler, den, spec, cfg.eval_samples, seed=cfg.train.seed + 2, autoencoder=autoencoder)
     print(
         f"round {r}: wrote {path}" + "".join(f"; {k} {v}" for k, v in row.items() if k not in ("checkpoint", "round"))
     )

@@ -13,30 +13,24 @@ read their EMA model.
 """
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 import tyro
 
-from sde_mol import checkpoint, cli, metrics
+from sde_mol import checkpoint, cli
 from sde_mol.cli import UsageError
 from sde_mol.compile_cache import enable_compile_cache
-from sde_mol.data.loader import BatchIterator, encode_split
-from sde_mol.data.qm9 import load_qm9
-from sde_mol.likelihood import vlb_nll
-from sde_mol.molecule import Molecule, com_free_normal
-from sde_mol.objectives.denoising import EDMEpsLoss, eps_error
-from sde_mol.run.build import build_denoiser, build_sampler, dataset_info, optimizer_from
+from sde_mol.objectives.denoising import EDMEpsLoss
+from sde_mol.run import recipe as rr
+from sde_mol.run.build import build_denoiser, dataset_info, optimizer_from
 from sde_mol.run.configs import (
     DataConfig,
     DenoiserConfig,
+    EvalConfig,
     ModelConfig,
     ModelSpec,
     OptimConfig,
@@ -46,24 +40,9 @@ from sde_mol.run.configs import (
     to_dict,
 )
 from sde_mol.run.load import load_denoiser, train_state_skeleton
-from sde_mol.samplers import sample_molecules
 from sde_mol.training import distributed
-from sde_mol.training.loop import LoopConfig, run_loop
-from sde_mol.training.prefetch import host_batches, to_device
-from sde_mol.training.state import compute_dtype_from, count_params, init_state, make_step
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    n_valid: int = 1000
-    """validation molecules for the NLL (EMA model, one pass of EDM's estimator) and the eps error per level"""
-    levels: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6, 0.9)
-    """times t at which the EMA model's eps MSE on the validation molecules is reported (val_eps_mse@t, fixed
-    noise every evaluation: paired across steps), and their mean val_eps_mse (the run's best.eqx criterion)"""
-    n_samples: int = 200
-    """molecules sampled for stability/validity at each evaluation (0 to skip)"""
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(sampler="ddim", steps=100))
-    batch_size: int = 100
+from sde_mol.training.loop import LoopConfig
+from sde_mol.training.state import count_params, init_state
 
 
 @dataclass(frozen=True)
@@ -123,72 +102,6 @@ PRESETS = {
 }
 
 
-def header_config(cfg: Config) -> dict:
-    return {
-        "recipe": "train_edm",
-        "spec": to_dict(cfg.spec),
-        "optim": to_dict(cfg.optim),
-        "with_target": False,
-        "full": json.loads(json.dumps(to_dict(cfg), default=str)),
-    }
-
-
-def make_evaluate(cfg: Config, info):
-    valid = load_qm9("valid").subset(slice(0, cfg.eval.n_valid))
-    pos, feat, mask = encode_split(valid, info)
-    mols, masks = Molecule(jnp.asarray(pos), jnp.asarray(feat)), jnp.asarray(mask)
-    ref_smiles = None
-
-    @eqx.filter_jit
-    def nll_batch(den, mols, masks, key):
-        keys = jr.split(key, masks.shape[0])
-        return jax.vmap(lambda m, k, kk: vlb_nll(den, m, k, info, key=kk))(mols, masks, keys)
-
-    @eqx.filter_jit
-    def eps_batch(den, mols, masks, t, key):
-        noise = jax.vmap(lambda k, m: com_free_normal(k, m, info.n_feat))(jr.split(key, masks.shape[0]), masks)
-        err, n = jax.vmap(lambda x, m, e: eps_error(den, x, m, t, e))(mols, masks, noise)
-        return jnp.sum(err), jnp.sum(n)
-
-    def evaluate(state) -> dict:
-        nonlocal ref_smiles
-        t0 = time.perf_counter()
-        den = state.ema_model
-        key = jr.PRNGKey(cfg.train.seed + 1)
-        nlls = []
-        for i in range(0, masks.shape[0], 100):
-            chunk = Molecule(mols.positions[i : i + 100], mols.features[i : i + 100])
-            nlls.append(nll_batch(den, chunk, masks[i : i + 100], jr.fold_in(key, i)))
-        out = {"val_nll": float(jnp.mean(jnp.concatenate(nlls)))}
-        for t in cfg.eval.levels:
-            sums = [
-                eps_batch(
-                    den,
-                    Molecule(mols.positions[i : i + 100], mols.features[i : i + 100]),
-                    masks[i : i + 100],
-                    jnp.float32(t),
-                    jr.fold_in(jr.PRNGKey(cfg.train.seed + 3), i),
-                )
-                for i in range(0, masks.shape[0], 100)
-            ]
-            out[f"val_eps_mse@{t:g}"] = float(sum(e for e, _ in sums) / sum(n for _, n in sums))
-        if cfg.eval.levels:
-            out["val_eps_mse"] = float(np.mean([out[f"val_eps_mse@{t:g}"] for t in cfg.eval.levels]))
-        if cfg.eval.n_samples:
-            sampler = build_sampler(cfg.eval.sampler, den, info.n_feat)
-            res = sample_molecules(
-                sampler, cfg.eval.n_samples, info, key=jr.PRNGKey(cfg.train.seed + 2), batch_size=cfg.eval.batch_size
-            )
-            if ref_smiles is None:
-                ref_smiles = metrics.train_smiles()
-            m = metrics.evaluate_samples(res, ref_smiles)
-            out.update({k: v for k, v in m.items() if k != "n_molecules" and v is not None})
-        out["eval_seconds"] = time.perf_counter() - t0
-        return out
-
-    return evaluate
-
-
 def main(cfg: Config) -> None:
     distributed.initialise()  # multi-host runs only (see sde_mol/training/distributed.py); a no-op otherwise
     if cfg.resume is not None and cfg.init_from is not None:
@@ -210,21 +123,14 @@ def main(cfg: Config) -> None:
                 f"{cfg.init_from}: its network or parametrisation {stored} differs from the requested {cfg.spec} "
                 "(--init-from carries the network over; only the SDE may change)"
             )
-    print(json.dumps(to_dict(cfg), indent=2, default=str))
-    if cfg.dry_run:
+    full = rr.start(cfg)
+    if full is None:
         return
     enable_compile_cache(cfg.compile_cache)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     info = dataset_info(cfg.data.dataset)
-    train = load_qm9("train")
-    if cfg.data.n_train is not None:
-        train = train.subset(slice(0, cfg.data.n_train))
-    iterator = BatchIterator(
-        train, info, cfg.data.batch_size, seed=cfg.train.seed, shuffle=True, drop_last=True, buckets=cfg.data.buckets
-    )
     optimizer = optimizer_from(cfg.optim)
-    hcfg = header_config(cfg)
+    hcfg = {"recipe": "train_edm", "spec": to_dict(cfg.spec), "optim": to_dict(cfg.optim), "with_target": False}
+    hcfg["full"] = full
     if cfg.resume is not None:
         state = checkpoint.load(cfg.resume, train_state_skeleton(cfg.spec, hcfg))
         print(f"resumed from {cfg.resume} at step {int(state.step)}")
@@ -238,30 +144,21 @@ def main(cfg: Config) -> None:
         print(f"initialised from {cfg.init_from} (step {int(state.step)}; fresh optimiser state)")
     else:
         state = init_state(build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed)), optimizer)
-    print(f"trainable parameters: {count_params(state.model):,}; train molecules {len(train):,}")
-    objective = EDMEpsLoss(info, timesteps=cfg.spec.sde.timesteps)
-    step_fn = make_step(
-        objective,
-        optimizer,
-        ema_decay=cfg.optim.ema_decay,
-        donate=True,  # run_loop never reuses a consumed state
-        compute_dtype=compute_dtype_from(cfg.train.precision),
-    )
-
-    def save(path, st):
-        checkpoint.save(path, st, kind="train_state", config=hcfg, step=int(st.step))
-
-    run_loop(
+    print(f"trainable parameters: {count_params(state.model):,}")
+    rr.fit(
         state,
-        step_fn,
-        lambda start: host_batches(iterator, start),
-        cfg=cfg.train if cfg.resume is None else dataclasses.replace(cfg.train, eval_at_start=False),
+        EDMEpsLoss(info, timesteps=cfg.spec.sde.timesteps),
+        optimizer,
+        rr.qm9_batches(cfg.data, seed=cfg.train.seed),
+        loop=cfg.train if cfg.resume is None else dataclasses.replace(cfg.train, eval_at_start=False),
+        ema_decay=cfg.optim.ema_decay,
         out_dir=cfg.out_dir,
-        save=save,
-        evaluate=make_evaluate(cfg, info) if cfg.eval.n_valid or cfg.eval.n_samples else None,
-        best_key="val_eps_mse" if cfg.eval.n_valid and cfg.eval.levels else "val_nll",
+        header=hcfg,
         batch_size=cfg.data.batch_size,
-        to_device=to_device,
+        evaluate=rr.diffusion_evaluator(cfg.eval, info, seed=cfg.train.seed)
+        if cfg.eval.n_valid or cfg.eval.n_samples
+        else None,
+        best_key="val_eps_mse" if cfg.eval.n_valid and cfg.eval.levels else "val_nll",
     )
 
 

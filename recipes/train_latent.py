@@ -18,7 +18,6 @@ checkpoints are "latent_train_state" files that embed the autoencoder, so sampli
 decodes the latents) and distillation need nothing else.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +26,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, cli, metrics
-from sde_mol.data.loader import BatchIterator, encode_split
+from sde_mol import checkpoint, cli
+from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.latent import (
     AutoencoderConfig,
@@ -40,12 +39,11 @@ from sde_mol.latent import (
 )
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import ContinuousDenoisingLoss
+from sde_mol.run import recipe as rr
 from sde_mol.run.build import dataset_info, optimizer_from
 from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, from_dict, to_dict
-from sde_mol.samplers import sample_molecules
-from sde_mol.training.loop import LoopConfig, run_loop
-from sde_mol.training.prefetch import host_batches, to_device
-from sde_mol.training.state import count_params, init_state, make_step
+from sde_mol.training.loop import LoopConfig
+from sde_mol.training.state import count_params, init_state
 
 
 @dataclass(frozen=True)
@@ -70,19 +68,6 @@ class Config:
     dry_run: bool = False
 
 
-def header_config(cfg: Config, ae_header: dict) -> dict:
-    return {
-        "recipe": "train_latent",
-        "latent": True,
-        "spec": to_dict(cfg.spec),
-        "autoencoder": ae_header["config"]["autoencoder"],
-        "autoencoder_source": str(cfg.autoencoder),
-        "optim": to_dict(cfg.optim),
-        "with_target": False,
-        "full": json.loads(json.dumps(to_dict(cfg), default=str)),
-    }
-
-
 def make_evaluate(cfg: Config, objective: LatentObjective, autoencoder, info):
     pos, feat, mask = encode_split(load_qm9("valid").subset(slice(0, cfg.n_valid)), info)
     mols, masks = Molecule(jnp.asarray(pos), jnp.asarray(feat)), jnp.asarray(mask)
@@ -95,12 +80,9 @@ def make_evaluate(cfg: Config, objective: LatentObjective, autoencoder, info):
     def evaluate(state) -> dict:
         out = {"val_loss": float(val_loss(state.ema_model))} if cfg.n_valid else {}
         if cfg.eval_samples:
-            sampler = build_latent_sampler(cfg.eval_sampler, state.ema_model, autoencoder)
-            res = sample_molecules(
-                sampler, cfg.eval_samples, info, key=jr.PRNGKey(cfg.train.seed + 2), batch_size=cfg.eval_samples
-            )
-            m = metrics.evaluate_samples(res, None, atom_decoder=info.atom_decoder)
-            out.update({k: v for k, v in m.items() if k != "n_molecules" and v is not None})
+            fn = build_latent_sampler(cfg.eval_sampler, state.ema_model, autoencoder)
+            scores = rr.score_samples(fn, info, cfg.eval_samples, seed=cfg.train.seed + 2)
+            out.update({k: v for k, v in scores.items() if k != "n_molecules"})
         return out
 
     return evaluate
@@ -111,56 +93,39 @@ def main(cfg: Config) -> None:
         stored = from_dict(ModelSpec, checkpoint.read_header(cfg.resume)["config"]["spec"])
         if stored != cfg.spec:
             raise ValueError(f"{cfg.resume}: its model spec {stored} differs from the requested {cfg.spec}")
-    print(json.dumps(to_dict(cfg), indent=2, default=str))
-    if cfg.dry_run:
-        return
-    if not Path(cfg.autoencoder).is_file():
+    if not cfg.dry_run and not Path(cfg.autoencoder).is_file():
         raise FileNotFoundError(
             f"autoencoder {cfg.autoencoder} does not exist (train one: recipes/train_autoencoder.py)"
         )
+    full = rr.start(cfg)
+    if full is None:
+        return
     autoencoder, ae_header = load_autoencoder(Path(cfg.autoencoder))
-    hcfg = header_config(cfg, ae_header)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     info = dataset_info(cfg.spec.dataset)
     if info != autoencoder.info:
         raise ValueError(f"{cfg.autoencoder}: the autoencoder's dataset differs from the spec's {cfg.spec.dataset!r}")
-    train = load_qm9("train")
-    if cfg.data.n_train is not None:
-        train = train.subset(slice(0, cfg.data.n_train))
-    iterator = BatchIterator(train, info, cfg.data.batch_size, seed=cfg.train.seed, buckets=cfg.data.buckets)
+    hcfg = {
+        "recipe": "train_latent", "latent": True, "spec": to_dict(cfg.spec),
+        "autoencoder": ae_header["config"]["autoencoder"], "autoencoder_source": str(cfg.autoencoder),
+        "optim": to_dict(cfg.optim), "with_target": False, "full": full,
+    }  # fmt: skip
     optimizer = optimizer_from(cfg.optim)
     if cfg.resume is not None:
-        state, _ = checkpoint.load(
-            cfg.resume, latent_state_skeleton(cfg.spec, from_dict(AutoencoderConfig, hcfg["autoencoder"]), hcfg)
-        )
+        like = latent_state_skeleton(cfg.spec, from_dict(AutoencoderConfig, hcfg["autoencoder"]), hcfg)
+        state, _ = checkpoint.load(cfg.resume, like)
         print(f"resumed from {cfg.resume} at step {int(state.step)}")
     else:
         den = build_latent_denoiser(cfg.spec, autoencoder.latent_channels, key=jr.PRNGKey(cfg.init_seed))
         state = init_state(den, optimizer)
-    print(
-        f"trainable parameters: {count_params(state.model):,}; latent channels {autoencoder.latent_channels}; "
-        f"train molecules {len(train):,}"
-    )
+    print(f"trainable parameters: {count_params(state.model):,}; latent channels {autoencoder.latent_channels}")
     objective = LatentObjective(ContinuousDenoisingLoss("eps"), autoencoder)
-    step_fn = make_step(objective, optimizer, ema_decay=cfg.optim.ema_decay, donate=True)
-
-    def save(path, st):
-        checkpoint.save(path, (st, autoencoder), kind="latent_train_state", config=hcfg, step=int(st.step))
-
-    evaluate = make_evaluate(cfg, objective, autoencoder, info) if cfg.n_valid or cfg.eval_samples else None
-    run_loop(
-        state,
-        step_fn,
-        lambda start: host_batches(iterator, start),
-        cfg=cfg.train,
-        out_dir=cfg.out_dir,
-        save=save,
-        evaluate=evaluate,
+    rr.fit(
+        state, objective, optimizer, rr.qm9_batches(cfg.data, seed=cfg.train.seed), loop=cfg.train,
+        ema_decay=cfg.optim.ema_decay, out_dir=cfg.out_dir, header=hcfg, batch_size=cfg.data.batch_size,
+        kind="latent_train_state", saved=lambda st: (st, autoencoder),
+        evaluate=make_evaluate(cfg, objective, autoencoder, info) if cfg.n_valid or cfg.eval_samples else None,
         best_key="val_loss" if cfg.n_valid else None,
-        batch_size=cfg.data.batch_size,
-        to_device=to_device,
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -159,3 +159,21 @@ def test_continuous_loss_of_the_exact_denoiser_is_the_posterior_variance(sde, ta
 def test_continuous_loss_rejects_an_unknown_target():
     with pytest.raises(ValueError, match="target"):
         ContinuousDenoisingLoss(target="score")
+
+
+def test_eps_error_is_zero_for_the_exact_denoiser_at_low_noise_and_counts_state_entries():
+    """`eps_error` (the per-level validation probe of train_edm): the exact oracle of K molecules recovers the
+    noise of one of its own molecules at low noise (error ~ 0), not at high noise (where x0 is ambiguous); the
+    count is (3 + n_feat) * atoms."""
+    from sde_mol.objectives.denoising import eps_error
+    from sde_mol.oracle import OracleDenoiser, toy_molecules
+
+    sde = PolynomialVPSDE()
+    data, mask = toy_molecules(jr.key(0), 4, 7, 9)
+    oracle = OracleDenoiser(data, mask, sde)
+    x = jax.tree.map(lambda a: a[2], data)
+    eps = com_free_normal(jr.key(1), mask, x.n_feat)
+    low, n = eps_error(oracle, x, mask, 0.05, eps)
+    high, _ = eps_error(oracle, x, mask, 0.95, eps)
+    assert float(n) == 7 * (3 + x.n_feat)
+    assert float(low) / float(n) < 1e-8 and float(high) / float(n) > 1e-3

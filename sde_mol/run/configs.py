@@ -137,6 +137,21 @@ class ConsistencyLossConfig:
     """with --boundary: share of draws on the boundary interval at every N (TCM); None: uniform above s'"""
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """What a diffusion training run measures at each evaluation (`run.recipe.diffusion_evaluator`)."""
+
+    n_valid: int = 1000
+    """validation molecules for the NLL (EMA model, one pass of EDM's estimator) and the eps error per level"""
+    levels: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6, 0.9)
+    """times t at which the EMA model's eps MSE on the validation molecules is reported (val_eps_mse@t, fixed
+    noise every evaluation: paired across steps), and their mean val_eps_mse (the run's best.eqx criterion)"""
+    n_samples: int = 200
+    """molecules sampled for stability/validity at each evaluation (0 to skip)"""
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(sampler="ddim", steps=100))
+    batch_size: int = 100
+
+
 def to_dict(cfg) -> dict[str, Any]:
     """A dataclass config as a JSON-ready dict (Paths become strings)."""
 

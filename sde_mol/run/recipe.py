@@ -1,58 +1,52 @@
-"""What the consistency recipes share (recipes/consistency_distill.py and recipes/consistency_train.py): the QM9
-data source (the fixed molecules of oracle:<n> / fixed:<n> come from `data.fixed`), the continuous-time teacher,
-the student, the training run and its checkpoints.
-
-Checkpoints. A run writes `last.eqx`, kind "train_state" (model, EMA model, target model or None, optimiser
-state, step), which `run.load.load_denoiser` reads like every training state (its EMA model by default), and at
-the end of every invocation `student.eqx`, kind "denoiser", the EMA consistency function. Both headers hold the
-student's `ModelSpec` (parametrisation "consistency" or "eps_consistency", a continuous-time SDE), so
-`load_denoiser` rebuilds a `ConsistencyFunction` / `EpsConsistencyFunction`, and a "consistency" entry: the
-method ("cd" / "ct"), the sampler to use (`SamplerConfig("consistency", steps=1)`; 2, 4, ... steps work as well)
-and the run's settings. `generate` reads that entry and notes a mismatching `--sampler.sampler`.
-
-Truncated consistency models (TCM; Lee et al. 2025). `--boundary <stage-1 student.eqx>` makes a run TCM's stage
-2: the student starts from the stage-1 network, trains only the intervals above `--truncation-sigma` s' (uniform
-interval index) and takes its targets at and below s' from the frozen stage-1 model (`ConsistencyLoss.boundary`).
-`student.eqx` is then the joined `TruncatedConsistencyFunction` (spec `truncation_sigma` = s': the stage-1
-network below s', the stage-2 one above); `last.eqx` holds the stage-2 network alone (resume it; sample
-`student.eqx`).
-
-Discrete teachers. EDM checkpoints use `DiscreteVPSDE`, whose marginal is piecewise constant in t (a lookup of
-T = 1000 table levels). The consistency grid's times (rho-spaced in sigma / alpha, N(k) of them) fall between
-the table's knots, where the lookup snaps them onto the nearest level: grid points closer than half a table
-step collapse onto one noise level, while the teacher's PF-ODE step between them (with the interpolated
-table's rates) still moves the state, so the student would be asked to be consistent across steps it cannot
-see, and every grid noise level is off the marginal it is drawn from. `run.build.continuous_teacher` therefore re-wraps
-the teacher's network with the continuous twin of its schedule (`PolynomialVPSDE` of the same power and
-precision, which equals EDM's table at every knot up to the table's float32 rounding; checked here), and the
-student lives on that SDE too. The network is unchanged: it receives the raw time t, on which it was trained at
-the knots i / T.
-"""
+"""The recipe skeleton every training recipe shares: start a run (resolved config, --dry-run, config.json),
+resolve a `--teacher` (an exact oracle of a few QM9 molecules, or a checkpoint), the QM9 batch source, resume
+or start a training state, the jitted step and the loop, and scoring sampled molecules."""
 
 import json
-from dataclasses import replace
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
+import optax
 
 from .. import checkpoint, metrics
-from ..data.loader import BatchIterator
-from ..data.qm9 import load_qm9
-from ..denoisers import AbstractDenoiser, TruncatedConsistencyFunction
-from ..samplers import sample_molecules
-from ..training.loop import run_loop
-from ..training.prefetch import host_batches, to_device as batch_to_device
-from ..training.state import compute_dtype_from, count_params, init_state, make_step
-from .build import build_sampler, build_sde_from, continuous_sde_config, dataset_info, denoiser_from, optimizer_from
-from .configs import DataConfig, ModelSpec, SamplerConfig, to_dict
+from ..data.fixed import fixed_molecules
+from ..data.loader import BatchIterator, encode_split
+from ..data.qm9 import DatasetInfo, load_qm9
+from ..denoisers import AbstractDenoiser
+from ..latent import LatentSampler, is_latent, load_latent
+from ..likelihood import vlb_nll
+from ..molecule import Molecule, com_free_normal
+from ..objectives.denoising import eps_error
+from ..samplers import SamplerFn, sample_molecules
+from ..training.loop import LoopConfig, run_loop
+from ..training.prefetch import host_batches, to_device
+from ..training.state import TrainState, compute_dtype_from, init_state, make_step
+from .build import build_denoiser, build_sampler, continuous_teacher, dataset_info
+from .configs import DataConfig, EvalConfig, ModelSpec, SamplerConfig, to_dict
 from .load import load_denoiser
 
-CONSISTENCY_PARAMETRISATIONS = ("consistency", "eps_consistency")
+
+def start(cfg: Any) -> dict | None:
+    """Print the resolved config; None on `cfg.dry_run`; else create `cfg.out_dir`, write config.json there and
+    return the config as JSON data (what checkpoint headers store as "full")."""
+    full = json.loads(json.dumps(to_dict(cfg), default=str))
+    print(json.dumps(full, indent=2))
+    if cfg.dry_run:
+        return None
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / "config.json").write_text(json.dumps(full, indent=2))
+    return full
 
 
 def parse_count(value: str, prefix: str, flag: str) -> int | None:
-    """n of "<prefix>:<n>" (a positive integer); None when `value` does not start with "<prefix>:"."""
+    """n of a `<prefix>:<n>` flag value (e.g. oracle:16), None when the value is not of that form."""
     if not value.startswith(prefix + ":"):
         return None
     n = value.removeprefix(prefix + ":")
@@ -61,10 +55,7 @@ def parse_count(value: str, prefix: str, flag: str) -> int | None:
     return int(n)
 
 
-# --- data --------------------------------------------------------------------------------------------------
-
-
-def qm9_batches(data: DataConfig, *, seed: int):
+def qm9_batches(data: DataConfig, *, seed: int) -> Callable:
     """Host batches of the QM9 train split (its first `data.n_train` molecules when set), from a global step on."""
     train = load_qm9("train")
     if data.n_train is not None:
@@ -73,150 +64,162 @@ def qm9_batches(data: DataConfig, *, seed: int):
     return lambda start: host_batches(iterator, start)
 
 
-# --- teacher and student -----------------------------------------------------------------------------------
-
-
-def check_student_spec(spec: ModelSpec) -> None:
-    """A consistency student: a consistency parametrisation on a continuous-time SDE."""
-    if spec.denoiser.parametrisation not in CONSISTENCY_PARAMETRISATIONS:
-        raise ValueError(
-            f"--spec.denoiser.parametrisation {spec.denoiser.parametrisation!r}: a consistency student needs one of "
-            f"{CONSISTENCY_PARAMETRISATIONS}"
+def oracle_teacher(
+    n: int, spec: ModelSpec, *, atoms: int, rotations: int, init_seed: int, data: DataConfig, data_seed: int
+) -> tuple[AbstractDenoiser, AbstractDenoiser, Callable]:
+    """`--teacher oracle:<n>`: (the exact denoiser of the first n QM9 train molecules of `atoms` atoms under
+    `rotations` fixed rotations, a fresh student of `spec` on whose SDE the oracle lives, their host batches)."""
+    student = build_denoiser(spec, key=jr.PRNGKey(init_seed))
+    try:
+        oracle, batches = fixed_molecules(
+            n, atoms, student.sde, rotations=rotations, seed=init_seed, batch_size=data.batch_size, data_seed=data_seed
         )
-    if build_sde_from(spec.sde).time_resolution is not None:
-        raise ValueError(
-            f"--spec.sde.name {spec.sde.name!r} is piecewise constant in time: consistency models need a "
-            f"continuous-time SDE (its twin is {continuous_sde_config(spec.sde).name!r})"
-        )
+    except ValueError as e:
+        raise ValueError(f"--teacher oracle:{n}: {e}") from None
+    return oracle, student, batches
 
 
-def student_from_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
-    """ECT-style initialisation (Geng et al. 2024): a consistency function on a copy of a (continuous-SDE)
-    teacher's network. eps teachers give `EpsConsistencyFunction`, Karras teachers `ConsistencyFunction` with
-    their sigma_data (whose c_skip, c_out approach Karras' away from t_min)."""
-    param = {"eps": "eps_consistency", "karras": "consistency"}.get(spec.denoiser.parametrisation)
-    if param is None:
-        raise ValueError(f"cannot initialise a consistency student from a {spec.denoiser.parametrisation!r} teacher")
-    spec = replace(spec, denoiser=replace(spec.denoiser, parametrisation=param))
-    return denoiser_from(spec.denoiser, teacher.net, teacher.sde), spec
-
-
-def load_boundary(path: Path, sigma: float | None) -> tuple[AbstractDenoiser, ModelSpec]:
-    """TCM's stage-1 model from `--boundary path` for a stage-2 run truncated at `--truncation-sigma sigma`:
-    (the model, its spec). It must be a plain (not yet truncated) consistency function on a continuous SDE, and
-    s_min < sigma < s_max of that SDE."""
-    if sigma is None:
-        raise ValueError(f"--boundary {path}: give the truncation level --truncation-sigma (in sigma / alpha)")
+def checkpoint_teacher(path: Path, *, continuous_time: bool, latent_ok: bool) -> tuple:
+    """`--teacher <checkpoint>`: (teacher denoiser, its spec, its autoencoder or None, header additions). A
+    latent model brings its autoencoder (refused unless `latent_ok`); `continuous_time` moves the teacher to
+    the continuous twin of its SDE."""
     if not path.is_file():
-        raise FileNotFoundError(f"--boundary {path} does not exist (a consistency checkpoint: student.eqx)")
-    boundary, spec, _ = load_denoiser(path)
-    if spec.denoiser.truncation_sigma is not None:
-        raise ValueError(
-            f"--boundary {path}: already truncated at {spec.denoiser.truncation_sigma} (a stage-2 model); give its "
-            "stage-1 model"
-        )
-    check_student_spec(spec)
-    s_min, s_max = (float(boundary.sde.scaled_sigma(t)) for t in (boundary.sde.t_min, boundary.sde.t_max))
-    if not s_min < sigma < s_max:
-        raise ValueError(f"--truncation-sigma {sigma}: must lie in ({s_min:.4g}, {s_max:.4g}), the SDE of {path}")
-    return boundary, spec
-
-
-def truncated_spec(spec: ModelSpec, sigma: float) -> ModelSpec:
-    return replace(spec, denoiser=replace(spec.denoiser, truncation_sigma=sigma))
-
-
-# --- the run -------------------------------------------------------------------------------------------------
-
-
-def train(
-    cfg,
-    *,
-    method: str,
-    objective,
-    student: AbstractDenoiser,
-    spec: ModelSpec,
-    batches,
-    with_target: bool,
-    target_decay,
-    resume_keys: tuple[str, ...],
-    settings: dict,
-    boundary: AbstractDenoiser | None = None,
-    truncation_sigma: float | None = None,
-) -> dict:
-    """Train a consistency student with `train.run_loop` and write its checkpoints (module docstring).
-
-    `cfg` is the recipe's Config: it must have `optim`, `train` (a LoopConfig), `data` (batch_size), `out_dir`,
-    `resume`, `eval_samples` and `eval_steps`. `resume_keys`: the Config fields a resumed run must share with
-    the checkpoint's. `settings`: what the header's "consistency" entry records besides method and sampler.
-    `boundary`, `truncation_sigma`: a TCM stage-2 run (the objective already uses them; `cfg.boundary` and
-    `cfg.truncation_sigma` join the resume keys and settings); student.eqx joins the boundary and the student."""
-    check_student_spec(spec)
-    resume_keys = (*resume_keys, "boundary", "truncation_sigma")  # cfg fields of both recipes
-    if boundary is not None:
-        settings = dict(settings, boundary=str(cfg.boundary), truncation_sigma=truncation_sigma)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    full = json.loads(json.dumps(to_dict(cfg), default=str))
-    (cfg.out_dir / "config.json").write_text(json.dumps(full, indent=2))
-    entry = {"method": method, "sampler": to_dict(SamplerConfig("consistency", steps=1)), **settings}
-    header = {"recipe": f"consistency_{method}", "spec": to_dict(spec), "consistency": entry, "full": full}
-    state_header = dict(header, optim=to_dict(cfg.optim), with_target=with_target)
-    optimizer = optimizer_from(cfg.optim)
-    if cfg.resume is not None:
-        stored = checkpoint.read_header(cfg.resume)["config"]
-        for key in resume_keys:
-            before = stored.get("full", {}).get(key)
-            if before != full[key]:
-                raise ValueError(f"{cfg.resume}: its {key} {before!r} differs from the requested {full[key]!r}")
-        if stored.get("consistency") != entry:
-            raise ValueError(f"{cfg.resume}: its run {stored.get('consistency')} differs from the requested {entry}")
-        like = eqx.filter_eval_shape(lambda: init_state(student, optimizer, with_target=with_target))
-        state = checkpoint.load(cfg.resume, like, kind="train_state")
-        print(f"resumed from {cfg.resume} at step {int(state.step)}")
+        raise FileNotFoundError(f"--teacher {path} does not exist (a checkpoint path, or oracle:<n>)")
+    extra, autoencoder = {}, None
+    if is_latent(checkpoint.read_header(path)):
+        if not latent_ok:
+            raise ValueError(f"--teacher {path}: latent teachers are not supported by this recipe")
+        teacher, autoencoder, spec, header = load_latent(path)
+        extra = {"latent": True, "autoencoder": header["config"]["autoencoder"]}
     else:
-        state = init_state(student, optimizer, with_target=with_target)
-    print(f"consistency {method}: student parameters {count_params(state.model):,}, {cfg.train.steps} steps")
+        teacher, spec, _ = load_denoiser(path)
+    if continuous_time:
+        teacher, spec = continuous_teacher(teacher, spec)
+    return teacher, spec, autoencoder, extra
+
+
+def initial_state(
+    model: AbstractDenoiser,
+    optimizer: optax.GradientTransformation,
+    *,
+    with_target: bool,
+    resume: Path | None,
+    full: dict,
+    keys: tuple[str, ...],
+    kind: str = "train_state",
+) -> TrainState:
+    """A fresh training state of `model`, or the one of `resume`, whose recorded config must agree with `full`
+    on every field of `keys` (a resumed run continues the same run)."""
+    if resume is None:
+        return init_state(model, optimizer, with_target=with_target)
+    stored = checkpoint.read_header(resume)["config"].get("full", {})
+    for key in keys:
+        if stored.get(key) != full[key]:
+            raise ValueError(f"{resume}: its {key} {stored.get(key)!r} differs from the requested {full[key]!r}")
+    like = eqx.filter_eval_shape(lambda: init_state(model, optimizer, with_target=with_target))
+    state = checkpoint.load(resume, like, kind=kind)
+    print(f"resumed from {resume} at step {int(state.step)}")
+    return state
+
+
+def fit(
+    state: TrainState,
+    objective,
+    optimizer: optax.GradientTransformation,
+    batches: Callable,
+    *,
+    loop: LoopConfig,
+    ema_decay: float,
+    out_dir: Path,
+    header: dict,
+    batch_size: int,
+    kind: str = "train_state",
+    target_decay: Callable | None = None,
+    saved: Callable[[TrainState], Any] = lambda state: state,
+    **run_kw,
+) -> TrainState:
+    """The jitted step (donated buffers, `loop.precision`) run by `run_loop`; checkpoints of `kind` hold
+    `saved(state)` (e.g. the state with the autoencoder it needs) and carry `header` as their config.
+    `run_kw`: run_loop's evaluate, best_key."""
     step_fn = make_step(
         objective,
         optimizer,
-        ema_decay=cfg.optim.ema_decay,
+        ema_decay=ema_decay,
         target_decay=target_decay,
-        donate=True,
-        compute_dtype=compute_dtype_from(cfg.train.precision),
+        donate=True,  # run_loop never reuses a consumed state
+        compute_dtype=compute_dtype_from(loop.precision),
     )
 
-    def save_state(path, st):
-        checkpoint.save(path, st, kind="train_state", config=state_header, step=int(st.step))
+    def save(path, st):
+        checkpoint.save(path, saved(st), kind=kind, config=header, step=int(st.step))
 
-    state = run_loop(
-        state,
-        step_fn,
-        batches,
-        cfg=cfg.train,
-        out_dir=cfg.out_dir,
-        save=save_state,
-        batch_size=cfg.data.batch_size,
-        to_device=batch_to_device,
-    )
-    path = cfg.out_dir / "student.eqx"
-    final, final_header = state.ema_model, header
-    if boundary is not None:
-        final = TruncatedConsistencyFunction(boundary, state.ema_model, truncation_sigma)
-        final_header = dict(header, spec=to_dict(truncated_spec(spec, truncation_sigma)))
-    checkpoint.save(path, final, kind="denoiser", config=final_header, step=int(state.step))
-    result = {"student": str(path), "step": int(state.step)}
-    for n in cfg.eval_steps if cfg.eval_samples else ():
-        result[f"{n}_step"] = evaluate(final, spec, n, cfg.eval_samples, seed=cfg.train.seed + 2)
-    scores = "".join(f"; {k}: {v}" for k, v in result.items() if k.endswith("_step"))
-    print(f"wrote {path} (step {int(state.step)}){scores}")
-    (cfg.out_dir / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    return run_loop(
+        state, step_fn, batches, cfg=loop, out_dir=out_dir, save=save, batch_size=batch_size, to_device=to_device,
+        **run_kw,
+    )  # fmt: skip
 
 
-def evaluate(student: AbstractDenoiser, spec: ModelSpec, steps: int, n: int, *, seed: int) -> dict:
-    """EDM's metrics of n molecules from the `steps`-step consistency sampler."""
-    info = dataset_info(spec.dataset)
-    fn = build_sampler(SamplerConfig("consistency", steps=steps), student, info.n_feat)
+def score_samples(fn: SamplerFn, info, n: int, *, seed: int, reference=None) -> dict:
+    """EDM's metrics of n molecules drawn by `fn` (molecule i from `fold_in(PRNGKey(seed), i)`)."""
     res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=n)
-    m = metrics.evaluate_samples(res, None, atom_decoder=info.atom_decoder)
+    m = metrics.evaluate_samples(res, reference, atom_decoder=info.atom_decoder)
     return {k: v for k, v in m.items() if v is not None}
+
+
+def score_sampler(
+    cfg: SamplerConfig, den: AbstractDenoiser, spec: ModelSpec, n: int, *, seed: int, autoencoder=None
+) -> dict:
+    """`score_samples` of the sampler `cfg` on `den` (a latent denoiser decoded by its `autoencoder`)."""
+    info = dataset_info(spec.dataset)
+    if autoencoder is None:
+        return score_samples(build_sampler(cfg, den, info.n_feat), info, n, seed=seed)
+    fn = LatentSampler(build_sampler(cfg, den, autoencoder.latent_channels), autoencoder)
+    return score_samples(fn, info, n, seed=seed)
+
+
+def diffusion_evaluator(cfg: EvalConfig, info: DatasetInfo, *, seed: int) -> Callable[[TrainState], dict] | None:
+    """`evaluate(state)` of a diffusion training run, on its EMA model: the VLB (EDM's one-draw estimator) of
+    `cfg.n_valid` validation molecules, the eps MSE at each of `cfg.levels` (fixed noise: paired across
+    evaluations) and their mean val_eps_mse, and EDM's metrics of `cfg.n_samples` molecules of `cfg.sampler`.
+    None when there is nothing to evaluate."""
+    if not (cfg.n_valid or cfg.n_samples):
+        return None
+    pos, feat, mask = encode_split(load_qm9("valid").subset(slice(0, cfg.n_valid)), info)
+    chunks = [
+        (Molecule(jnp.asarray(pos[i : i + 100]), jnp.asarray(feat[i : i + 100])), jnp.asarray(mask[i : i + 100]), i)
+        for i in range(0, cfg.n_valid, 100)
+    ]
+    ref_smiles = []
+
+    @eqx.filter_jit
+    def nll_batch(den, mols, masks, key):
+        keys = jr.split(key, masks.shape[0])
+        return jax.vmap(lambda m, k, kk: vlb_nll(den, m, k, info, key=kk))(mols, masks, keys)
+
+    @eqx.filter_jit
+    def eps_batch(den, mols, masks, t, key):
+        noise = jax.vmap(lambda k, m: com_free_normal(k, m, info.n_feat))(jr.split(key, masks.shape[0]), masks)
+        err, n = jax.vmap(lambda x, m, e: eps_error(den, x, m, t, e))(mols, masks, noise)
+        return jnp.sum(err), jnp.sum(n)
+
+    def evaluate(state: TrainState) -> dict:
+        t0, den, out = time.perf_counter(), state.ema_model, {}
+        if cfg.n_valid:
+            nll = [nll_batch(den, x, m, jr.fold_in(jr.PRNGKey(seed + 1), i)) for x, m, i in chunks]
+            out["val_nll"] = float(jnp.mean(jnp.concatenate(nll)))
+            for t in cfg.levels:
+                sums = [eps_batch(den, x, m, jnp.float32(t), jr.fold_in(jr.PRNGKey(seed + 3), i)) for x, m, i in chunks]
+                out[f"val_eps_mse@{t:g}"] = float(sum(e for e, _ in sums) / sum(n for _, n in sums))
+            if cfg.levels:
+                out["val_eps_mse"] = float(np.mean([out[f"val_eps_mse@{t:g}"] for t in cfg.levels]))
+        if cfg.n_samples:
+            fn = build_sampler(cfg.sampler, den, info.n_feat)
+            res = sample_molecules(fn, cfg.n_samples, info, key=jr.PRNGKey(seed + 2), batch_size=cfg.batch_size)
+            if not ref_smiles:  # built once per run
+                ref_smiles.append(metrics.train_smiles())
+            m = metrics.evaluate_samples(res, ref_smiles[0])
+            out.update({k: v for k, v in m.items() if k != "n_molecules" and v is not None})
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    return evaluate
