@@ -37,7 +37,9 @@ def _module_of(filename: str) -> str | None:
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports (relative and absolute sde_mol imports)."""
     graph = {}
-    for path in [*(ROOT / "sde_mol").rglob("*.py"), *(ROOT / "recipes").glob("*.py")]:
+    paths = [*(ROOT / "sde_mol").rglob("*.py"), *(ROOT / "recipes").glob("*.py")]
+    modules = {_module_of(str(p)) for p in paths}
+    for path in paths:
         name = _module_of(str(path))
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
@@ -49,7 +51,8 @@ def import_graph() -> dict[str, set[str]]:
                     mod = ".".join(base + ([node.module] if node.module else []))
                 else:
                     mod = node.module or ""
-                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+                # `from pkg import sub` imports the submodule, `from mod import name` the module
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:

@@ -26,9 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import rdkit
@@ -39,21 +36,10 @@ from sde_mol import cli
 from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.io import read_molecules
-from sde_mol.likelihood import vlb_nll
-from sde_mol.metrics import evaluate, train_smiles
-from sde_mol.molecule import Molecule
+from sde_mol.likelihood import dataset_nll
+from sde_mol.metrics import SAMPLE_METRICS, evaluate, train_smiles
 from sde_mol.run.build import dataset_info
 from sde_mol.run.load import load_denoiser
-
-METRIC_KEYS = (
-    "atom_stability",
-    "molecule_stability",
-    "validity",
-    "connected_validity",
-    "uniqueness",
-    "valid_and_unique",
-    "novelty",
-)
 
 
 @dataclass(frozen=True)
@@ -122,7 +108,7 @@ def resolved_config(cfg: Config) -> dict:
 
 def table(metrics: dict) -> str:
     rows = [f"{'source':<20s} {metrics['source']}", f"{'n_molecules':<20s} {metrics['n_molecules']}"]
-    for k in METRIC_KEYS:
+    for k in SAMPLE_METRICS:
         v = metrics[k]
         rows.append(f"{k:<20s} {'-' if v is None else f'{100 * v:6.2f} %'}")
     rows.append(f"{'seconds':<20s} {metrics['seconds']:.1f}")
@@ -137,25 +123,14 @@ def model_nll(cfg: Config) -> dict:
     split = load_qm9(cfg.split)
     n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
     pos, feat, mask = encode_split(split.subset(slice(0, n)), info)
-    timesteps = spec.sde.timesteps
-
-    @eqx.filter_jit
-    def batch_nll(den, positions, features, masks, keys):
-        one = lambda x, h, m, k: vlb_nll(den, Molecule(x, h), m, info, key=k, timesteps=timesteps)  # noqa: E731
-        return jax.vmap(one)(positions, features, masks, keys)
-
-    key = jr.PRNGKey(cfg.seed)
-    b = min(cfg.nll_batch_size, n)
     t0 = time.perf_counter()
-    nlls = []
-    for lo in range(0, n, b):
-        idx = np.minimum(np.arange(lo, lo + b), n - 1)
-        keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.asarray(idx))
-        out = batch_nll(denoiser, jnp.asarray(pos[idx]), jnp.asarray(feat[idx]), jnp.asarray(mask[idx]), keys)
-        nlls.append(np.asarray(out)[: min(b, n - lo)])
-    nll = np.concatenate(nlls)
-    if not np.all(np.isfinite(nll)):
-        raise FloatingPointError(f"{cfg.checkpoint}: non-finite NLL for {int(np.sum(~np.isfinite(nll)))} molecules")
+    try:
+        nll = dataset_nll(
+            denoiser, pos, feat, mask, info, key=jr.PRNGKey(cfg.seed), batch_size=cfg.nll_batch_size,
+            timesteps=spec.sde.timesteps,
+        )  # fmt: skip
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{cfg.checkpoint}: {e}") from None
     return {
         "nll": float(nll.mean()),
         "nll_sem": float(nll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,

@@ -18,7 +18,7 @@ from typing import Literal
 import tyro
 
 from sde_mol import cli
-from sde_mol.run.configs import SamplerConfig
+from sde_mol.run.configs import SamplerConfig, SolverName
 from sde_mol.run.sample import GenerateConfig, generate
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
@@ -28,7 +28,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_
 class Config:
     checkpoint: Path = DEFAULT_CHECKPOINT
     """sde_mol checkpoint (.eqx): a denoiser, or a training state (its EMA model)"""
-    solver: Literal["euler", "heun", "midpoint", "tsit5", "dopri5"] = "heun"
+    solver: SolverName = "heun"
     """diffrax solver"""
     steps: int = 50
     """steps of the fixed time grid (adaptive: only sets the first step size)"""

@@ -14,8 +14,7 @@ The names a notebook needs, from their modules (deeper names stay in their modul
     data, files load_qm9, qm9_info, load_denoiser, evaluate (EDM's metrics)
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
 from .data.qm9 import load_qm9 as load_qm9, qm9_info as qm9_info
 from .denoisers import (
     AbstractDenoiser as AbstractDenoiser,

@@ -37,6 +37,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from ._version import __version__
+
 FORMAT = "sde_mol.checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -64,12 +66,6 @@ def _describe(error: BaseException) -> str:
     return str(error) if cause is error else f"{error} ({type(cause).__name__}: {cause})"
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def save(path: str | os.PathLike, tree: Any, *, kind: str, config: dict, step: int = 0) -> None:
     """Write `tree` to `path` with a JSON header (atomic: temp file in the same directory, fsync, rename).
 
@@ -88,7 +84,7 @@ def save(path: str | os.PathLike, tree: Any, *, kind: str, config: dict, step: i
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": str(kind),
-        "sde_mol_version": _version(),
+        "sde_mol_version": __version__,
         "step": int(step),
         "config": config,
         "payload_bytes": len(payload),

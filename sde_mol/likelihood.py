@@ -11,12 +11,13 @@ Delta log p_x = -(M-1) * 3 * log(norm_x) is 0 for QM9 (norm_x = 1).
 """
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.scipy.special import logsumexp, ndtr
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from .data.qm9 import DatasetInfo
 from .molecule import Molecule, com_dof, com_free_normal, n_real, normal_log_prob, project
@@ -147,6 +148,44 @@ def vlb_nll(
     eps = com_free_normal(ke, mask, x.n_feat)
     eps0 = com_free_normal(ke0, mask, x.n_feat)
     return vlb_terms(denoiser, x, mask, info, t_int, eps, eps0, timesteps=timesteps)["nll"]
+
+
+def _nll_batch(denoiser, positions, features, masks, keys, info: DatasetInfo, timesteps: int):
+    one = lambda x, h, m, k: vlb_nll(denoiser, Molecule(x, h), m, info, key=k, timesteps=timesteps)  # noqa: E731
+    return jax.vmap(one)(positions, features, masks, keys)
+
+
+_nll_batch_jit = eqx.filter_jit(_nll_batch)
+
+
+def dataset_nll(
+    denoiser,
+    positions: Float[np.ndarray, "n n_atoms 3"],
+    features: Float[np.ndarray, "n n_atoms n_feat"],
+    masks: Bool[np.ndarray, "n n_atoms"],
+    info: DatasetInfo,
+    *,
+    key: Key,
+    batch_size: int = 200,
+    timesteps: int = 1000,
+) -> Float[np.ndarray, " n"]:
+    """`vlb_nll` of n encoded molecules (host arrays, e.g. `data.loader.encode_split`), molecule i with
+    `fold_in(key, i)`, in fixed-shape batches (one compilation; the last batch is filled up and trimmed).
+    Non-finite values are an error, never averaged."""
+    n, b = positions.shape[0], min(batch_size, positions.shape[0])
+    out = []
+    for lo in range(0, n, b):
+        idx = np.minimum(np.arange(lo, lo + b), n - 1)
+        keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.asarray(idx))
+        nll = _nll_batch_jit(
+            denoiser, jnp.asarray(positions[idx]), jnp.asarray(features[idx]), jnp.asarray(masks[idx]), keys, info,
+            timesteps,
+        )  # fmt: skip
+        out.append(np.asarray(nll)[: min(b, n - lo)])
+    nll = np.concatenate(out)
+    if not np.all(np.isfinite(nll)):
+        raise FloatingPointError(f"non-finite NLL for {int(np.sum(~np.isfinite(nll)))} of {n} molecules")
+    return nll
 
 
 # ------------------------------------------------------------------------------------ PF-ODE likelihood

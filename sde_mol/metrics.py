@@ -53,6 +53,17 @@ PIPELINE_VERSION = 1
 _BOND_TYPES = (None, Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE)
 _CHUNK = 1024  # molecules per vectorised distance block (bounds the (chunk, N, N, 3) temporaries)
 
+SAMPLE_METRICS = (
+    "atom_stability",
+    "molecule_stability",
+    "validity",
+    "connected_validity",
+    "uniqueness",
+    "valid_and_unique",
+    "novelty",
+)
+"""The fractions EDM's protocol reports for a set of molecules, in the order tables print them."""
+
 
 def _check_decoder(atom_decoder: Sequence[str]) -> None:
     unknown = [e for e in atom_decoder if e not in ALLOWED_VALENCE]

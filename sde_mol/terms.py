@@ -1,4 +1,4 @@
-"""diffrax glue: the PF-ODE and reverse-SDE terms of an SDE + denoiser, the solver names, and the manual
+"""diffrax glue: the PF-ODE and reverse-SDE terms of an SDE + denoiser, solver evaluation counts, and the manual
 one-step solve used as the teacher of consistency distillation.
 
 All continuous-time numerics of sde_mol go through these terms and diffrax's solvers. The state is a
@@ -6,8 +6,6 @@ All continuous-time numerics of sde_mol go through these terms and diffrax's sol
 `diffrax.diffeqsolve` handles by flipping time; `teacher_step` flips time the same way, so one manual step
 equals `diffeqsolve` over the same interval with the same solver.
 """
-
-from typing import Literal
 
 import diffrax as dfx
 import equinox as eqx
@@ -20,23 +18,6 @@ from .denoisers import AbstractDenoiser
 from .molecule import Molecule, project
 from .sde import AbstractSDE
 from .typing import Key, NodeMask, Scalar
-
-SolverName = Literal["euler", "heun", "midpoint", "tsit5", "dopri5"]
-
-
-def solver_from_name(name: SolverName) -> dfx.AbstractSolver:
-    """The one name -> diffrax solver map."""
-    if name == "euler":
-        return dfx.Euler()
-    if name == "heun":
-        return dfx.Heun()
-    if name == "midpoint":
-        return dfx.Midpoint()
-    if name == "tsit5":
-        return dfx.Tsit5()
-    if name == "dopri5":
-        return dfx.Dopri5()
-    raise ValueError(f"unknown solver {name!r}; expected one of {SolverName.__args__}")
 
 
 def solver_evals(solver: dfx.AbstractSolver) -> tuple[int, int]:

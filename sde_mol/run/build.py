@@ -3,12 +3,13 @@ sampler out. Recipes call these once, at the edge; nothing below the run layer b
 """
 
 import dataclasses
-from typing import Literal
+from collections.abc import Callable
 
 import diffrax as dfx
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
+import optax
 
 from .. import samplers
 from ..cli import UsageError
@@ -25,6 +26,7 @@ from ..nn.egnn import EGNN
 from ..objectives import consistency as cm
 from ..sde import VESDE, AbstractSDE, CosineVPSDE, DiscreteVPSDE, KarrasSDE, PolynomialVPSDE
 from ..training.optim import build_optimizer
+from ..typing import Key
 from .configs import (
     ConsistencyLossConfig,
     DenoiserConfig,
@@ -33,9 +35,8 @@ from .configs import (
     OptimConfig,
     SamplerConfig,
     SDEConfig,
+    SolverName,
 )
-
-SolverName = Literal["euler", "heun", "midpoint", "tsit5", "dopri5"]
 
 
 def solver_from_name(name: SolverName) -> dfx.AbstractSolver:
@@ -87,7 +88,7 @@ def continuous_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[Abst
     return eqx.tree_at(lambda d: d.sde, teacher, teacher.sde.continuous_twin()), dataclasses.replace(spec, sde=twin_cfg)
 
 
-def build_network(cfg: ModelConfig, n_feat: int, *, key) -> EGNN:
+def build_network(cfg: ModelConfig, n_feat: int, *, key: Key) -> EGNN:
     return EGNN(
         n_feat,
         cfg.hidden,
@@ -104,7 +105,7 @@ def build_network(cfg: ModelConfig, n_feat: int, *, key) -> EGNN:
     )
 
 
-def denoiser_from(cfg: DenoiserConfig, net, sde: AbstractSDE):
+def denoiser_from(cfg: DenoiserConfig, net: eqx.Module, sde: AbstractSDE) -> AbstractDenoiser:
     """The one parametrisation name -> denoiser map (a network and an SDE in, an `AbstractDenoiser` out)."""
     if cfg.parametrisation == "eps":
         return EpsDenoiser(net, sde)
@@ -119,7 +120,7 @@ def denoiser_from(cfg: DenoiserConfig, net, sde: AbstractSDE):
     )
 
 
-def build_denoiser(spec: ModelSpec, *, key):
+def build_denoiser(spec: ModelSpec, *, key: Key) -> AbstractDenoiser:
     """A freshly initialised denoiser of `spec`; a truncated consistency spec gets two networks (keys split)."""
     info = dataset_info(spec.dataset)
     sde = build_sde_from(spec.sde)
@@ -136,7 +137,7 @@ def build_denoiser(spec: ModelSpec, *, key):
     return TruncatedConsistencyFunction(low, high, cut)
 
 
-def optimizer_from(cfg: OptimConfig):
+def optimizer_from(cfg: OptimConfig) -> optax.GradientTransformation:
     return build_optimizer(
         cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -181,7 +182,7 @@ def build_sampler(cfg: SamplerConfig, denoiser: AbstractDenoiser, n_feat: int) -
     return eqx.Partial(sampler_from(cfg, denoiser.sde), denoiser, n_feat=n_feat)
 
 
-def consistency_times_of(cfg: SamplerConfig, sde: AbstractSDE):
+def consistency_times_of(cfg: SamplerConfig, sde: AbstractSDE) -> samplers.Times:
     """The intermediate times of a consistency sampler of `cfg.steps` steps: from `cfg.consistency_sigmas`
     (noise levels s = sigma / alpha) when given, else `samplers.consistency_times`."""
     if not cfg.consistency_sigmas:
@@ -197,7 +198,14 @@ def consistency_times_of(cfg: SamplerConfig, sde: AbstractSDE):
     return samplers.sigmas_to_times(sde, jnp.asarray(sigmas, jnp.float32))
 
 
-def build_consistency_loss(cfg: ConsistencyLossConfig, estimator, n_points, *, boundary=None, boundary_sigma=None):
+def build_consistency_loss(
+    cfg: ConsistencyLossConfig,
+    estimator: cm.AbstractEstimator,
+    n_points: Callable,
+    *,
+    boundary: AbstractDenoiser | None = None,
+    boundary_sigma: float | None = None,
+) -> cm.ConsistencyLoss:
     """A `ConsistencyLoss` from its config, the estimator (`TeacherStep` for CD, `UnbiasedEstimator` for CT)
     and the curriculum N(k) (a callable of the step, e.g. `eqx.Partial(schedules.constant_n, n=18)`).
     `boundary`, `boundary_sigma`: truncated training (TCM's stage 2) above s' = boundary_sigma with the frozen

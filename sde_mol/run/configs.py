@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+SolverName = Literal["euler", "heun", "midpoint", "tsit5", "dopri5"]
+"""The diffrax solvers a config can name (`run.build.solver_from_name` makes them)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -97,7 +100,7 @@ class SamplerConfig:
     """number of steps (ancestral: EDM uses 1000; DDIM 100; PF-ODE heun 50; reverse SDE 500; consistency
     models 1, 2 or 4 network evaluations); for an adaptive PF-ODE solve, the initial step is
     (t_max - t_min) / steps"""
-    solver: Literal["euler", "heun", "midpoint", "tsit5", "dopri5"] = "heun"
+    solver: SolverName = "heun"
     """PF-ODE solver (diffrax)"""
     grid: Literal["uniform", "karras"] = "uniform"
     rho: float = 7.0
@@ -152,7 +155,7 @@ class EvalConfig:
     batch_size: int = 100
 
 
-def to_dict(cfg) -> dict[str, Any]:
+def to_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass config as a JSON-ready dict (Paths become strings)."""
 
     def conv(v):
@@ -165,7 +168,7 @@ def to_dict(cfg) -> dict[str, Any]:
     return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def from_dict(cls, d: dict[str, Any]):
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
     """Rebuild a (nested) dataclass config from a dict; unknown keys are an error, missing keys take defaults."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)

@@ -8,17 +8,18 @@ import equinox as eqx
 import jax.random as jr
 
 from .. import checkpoint
-from ..training.state import init_state
+from ..denoisers import AbstractDenoiser
+from ..training.state import TrainState, init_state
 from .build import build_denoiser, optimizer_from
 from .configs import ModelSpec, OptimConfig, from_dict
 
 
-def denoiser_skeleton(spec: ModelSpec):
+def denoiser_skeleton(spec: ModelSpec) -> AbstractDenoiser:
     """Shape-only denoiser for deserialisation (no weights are initialised)."""
     return eqx.filter_eval_shape(lambda: build_denoiser(spec, key=jr.PRNGKey(0)))
 
 
-def load_denoiser(path: Path, *, which: Literal["ema", "model"] = "ema"):
+def load_denoiser(path: Path, *, which: Literal["ema", "model"] = "ema") -> tuple[AbstractDenoiser, ModelSpec, dict]:
     """Load a denoiser from any sde_mol checkpoint: a "denoiser" file, or a "train_state" file (its EMA model by
     default). Returns (denoiser, spec, header)."""
     header = checkpoint.read_header(path)
@@ -35,7 +36,7 @@ def load_denoiser(path: Path, *, which: Literal["ema", "model"] = "ema"):
     return den, spec, header
 
 
-def train_state_skeleton(spec: ModelSpec, config: dict):
+def train_state_skeleton(spec: ModelSpec, config: dict) -> TrainState:
     """Shape-only TrainState matching a train_state checkpoint, from its header's config (optimiser from
     config["optim"], a target model if config["with_target"])."""
     optim = from_dict(OptimConfig, config["optim"])

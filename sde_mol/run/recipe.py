@@ -23,6 +23,7 @@ from ..denoisers import AbstractDenoiser
 from ..latent import LatentSampler, is_latent, load_latent
 from ..likelihood import vlb_nll
 from ..molecule import Molecule, com_free_normal
+from ..objectives.base import AbstractObjective
 from ..objectives.denoising import eps_error
 from ..samplers import SamplerFn, sample_molecules
 from ..training.loop import LoopConfig, run_loop
@@ -124,7 +125,7 @@ def initial_state(
 
 def fit(
     state: TrainState,
-    objective,
+    objective: AbstractObjective,
     optimizer: optax.GradientTransformation,
     batches: Callable,
     *,
@@ -159,7 +160,7 @@ def fit(
     )  # fmt: skip
 
 
-def score_samples(fn: SamplerFn, info, n: int, *, seed: int, reference=None) -> dict:
+def score_samples(fn: SamplerFn, info: DatasetInfo, n: int, *, seed: int, reference: Any = None) -> dict:
     """EDM's metrics of n molecules drawn by `fn` (molecule i from `fold_in(PRNGKey(seed), i)`)."""
     res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=n)
     m = metrics.evaluate_samples(res, reference, atom_decoder=info.atom_decoder)

@@ -246,17 +246,7 @@ def _check_distilled_sampler(header: dict, sampler: SamplerConfig) -> None:
 
 def metrics_table(result: dict) -> str:
     rows = []
-    for k in (
-        "n_molecules",
-        "n_nonfinite",
-        "atom_stability",
-        "molecule_stability",
-        "validity",
-        "connected_validity",
-        "uniqueness",
-        "valid_and_unique",
-        "novelty",
-    ):
+    for k in ("n_molecules", "n_nonfinite", *metrics.SAMPLE_METRICS):
         v = result.get(k)
         if v is None:
             continue
