@@ -18,6 +18,7 @@ from typing import Literal
 import tyro
 
 from sde_mol import cli
+from sde_mol.data.qm9 import QM9_BUCKETS
 from sde_mol.run.configs import SamplerConfig, SolverName
 from sde_mol.run.sample import GenerateConfig, generate
 
@@ -45,7 +46,7 @@ class Config:
     """adaptive: the most solver steps before the solve stops with an error"""
     n_samples: int = 100
     batch_size: int = 100
-    buckets: tuple[int, ...] = (17, 20, 23, 29)
+    buckets: tuple[int, ...] = QM9_BUCKETS
     """size buckets: each molecule is sampled at the smallest width that holds it (empty: full width)"""
     seed: int = 0
     out_dir: Path | None = None

@@ -26,7 +26,6 @@ each round (a "denoiser", or for latent teachers a "latent_denoiser" embedding t
 records the SDE, the step count and the DDIM eta to sample it with) and students.json (one line per round).
 """
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,16 +34,15 @@ from typing import Literal
 import optax
 import tyro
 
-from sde_mol import checkpoint, cli
+from sde_mol import cli
+from sde_mol.data.qm9 import QM9_BUCKETS
 from sde_mol.latent import LatentObjective
 from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation
-from sde_mol.run import recipe as rr
+from sde_mol.run import progressive as rp, recipe as rr
 from sde_mol.run.build import optimizer_from
-from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, to_dict
+from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, OptimConfig, to_dict
 from sde_mol.training.loop import LoopConfig
 from sde_mol.training.state import count_params
-
-ETA = {"ddim": 0.0, "ddpm": 1.0}
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
 
@@ -74,7 +72,7 @@ class Config:
     lr_decay: bool = True
     """decay the learning rate linearly to 0 within each round (Salimans & Ho)"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, ema_decay=0.0, clip="1.0"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=(17, 20, 23, 29)))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=QM9_BUCKETS))
     train: LoopConfig = field(default_factory=lambda: LoopConfig(log_every=100, ckpt_every=1000))
     """loop settings; train.steps is ignored (rounds x steps_per_round); train.max_minutes bounds the whole run"""
     spec: ModelSpec = field(
@@ -88,7 +86,8 @@ class Config:
     oracle_rotations: int = 8
     """oracle:<n> holds each molecule under this many fixed random rotations (1 = as stored)"""
     eval_samples: int = 0
-    """molecules sampled (DDIM at the round's step count) and scored after each round; 0 = skip"""
+    """the probe: molecules of each student (DDIM at its step count) and of its teacher (at twice that), same
+    seed, scored after each round; students.json says whether the student matched its teacher; 0 = skip"""
     out_dir: Path = Path("runs/progressive")
     resume: Path | None = None
     """a last.eqx of this recipe (same teacher and schedule) to continue from"""
@@ -128,12 +127,15 @@ def main(cfg: Config) -> list[dict]:
             "steps (its grid nodes would repeat); add --continuous-time to distil on its continuous twin"
         )
     objective = ProgressiveDistillation(
-        sde, schedule, oracle, teacher_eta=ETA[cfg.sampler], student_eta=ETA[cfg.target]
+        sde, schedule, oracle, teacher_eta=rp.ETA[cfg.sampler], student_eta=rp.ETA[cfg.target]
     )
     if autoencoder is not None:
         objective = LatentObjective(objective, autoencoder)
     optimizer = build_optimizer(cfg)
-    hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full}
+    distillation = {"teacher": cfg.teacher, "teacher_sampler": cfg.sampler, "target": cfg.target}
+    hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full, "distillation": distillation}
+    teacher_kw = dict(first_teacher=None if n is not None else Path(cfg.teacher),
+                      continuous_time=cfg.continuous_time, teacher_step=cfg.sampler)  # fmt: skip
     keys = ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time")
     state = rr.initial_state(
         student, optimizer, with_target=True, resume=cfg.resume, full=full, keys=keys, kind="progressive_train_state"
@@ -153,39 +155,13 @@ def main(cfg: Config) -> list[dict]:
         if int(state.step) < end:
             print(f"stopped in round {r} at step {int(state.step)}; resume with --resume {cfg.out_dir / 'last.eqx'}")
             break
-        summary.append(save_student(cfg, r, schedule, state.model, spec, autoencoder, hcfg, int(state.step)))
+        n_steps = schedule.steps_of_round(r)
+        probe = cfg.eval_samples if cfg.eval_max_steps is None or n_steps <= cfg.eval_max_steps else 0
+        summary.append(rp.finish_round(
+            cfg.out_dir, n_steps, state.model, spec, autoencoder, header=hcfg, step=int(state.step), round_index=r,
+            target=cfg.target, probe=probe, teacher_kw=teacher_kw, seed=cfg.train.seed + 2,
+        ))  # fmt: skip
     return summary
-
-
-def save_student(cfg: Config, r: int, schedule, den, spec, autoencoder, hcfg: dict, step: int) -> dict:
-    """Write round r's student (the next round's teacher) and, with --eval-samples, score its DDIM samples."""
-    n = schedule.steps_of_round(r)
-    sampler = SamplerConfig("ddim", steps=n, eta=ETA[cfg.target])
-    config = dict(
-        hcfg,
-        distillation={
-            "round": r,
-            "student_steps": n,
-            "sampler": to_dict(sampler),
-            "teacher": cfg.teacher,
-            "teacher_sampler": cfg.sampler,
-            "target": cfg.target,
-        },
-    )
-    path = cfg.out_dir / f"student_{n}steps.eqx"
-    if autoencoder is None:
-        checkpoint.save(path, den, kind="denoiser", config=config, step=step)
-    else:
-        checkpoint.save(path, (den, autoencoder), kind="latent_denoiser", config=config, step=step)
-    row = {"round": r, "student_steps": n, "checkpoint": str(path), "step": step}
-    if cfg.eval_samples and (cfg.eval_max_steps is None or n <= cfg.eval_max_steps):
-        row |= rr.score_sampler(sampler, den, spec, cfg.eval_samples, seed=cfg.train.seed + 2, autoencoder=autoencoder)
-    print(
-        f"round {r}: wrote {path}" + "".join(f"; {k} {v}" for k, v in row.items() if k not in ("checkpoint", "round"))
-    )
-    with open(cfg.out_dir / "students.json", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    return row
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import tyro
 
 from sde_mol import checkpoint, cli
 from sde_mol.data.loader import BatchIterator, encode_split
-from sde_mol.data.qm9 import load_qm9
+from sde_mol.data.qm9 import QM9_BUCKETS, load_qm9
 from sde_mol.latent import AutoencoderConfig, autoencoder_state_skeleton, build_autoencoder
 from sde_mol.molecule import Molecule
 from sde_mol.nn.autoencoder import AutoencoderLoss, reconstruction_terms
@@ -42,7 +42,7 @@ class Config:
     kl_weight: float = 0.01
     """weight of the per-dimension KL(q(z | x, h) || N(0, I)) against the per-dimension reconstruction loss"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, ema_decay=0.99))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32, buckets=(17, 20, 23, 29)))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32, buckets=QM9_BUCKETS))
     train: LoopConfig = field(
         default_factory=lambda: LoopConfig(steps=5000, eval_every=500, ckpt_every=500, log_every=50)
     )

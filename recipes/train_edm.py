@@ -16,17 +16,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import equinox as eqx
-import jax.numpy as jnp
-import jax.random as jr
 import tyro
 
-from sde_mol import checkpoint, cli
-from sde_mol.cli import UsageError
+from sde_mol import cli
 from sde_mol.compile_cache import enable_compile_cache
+from sde_mol.data.qm9 import QM9_BUCKETS
 from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.run import recipe as rr
-from sde_mol.run.build import build_denoiser, dataset_info, optimizer_from
+from sde_mol.run.build import dataset_info, optimizer_from
 from sde_mol.run.configs import (
     DataConfig,
     DenoiserConfig,
@@ -36,13 +33,11 @@ from sde_mol.run.configs import (
     OptimConfig,
     SamplerConfig,
     SDEConfig,
-    from_dict,
     to_dict,
 )
-from sde_mol.run.load import load_denoiser, train_state_skeleton
 from sde_mol.training import distributed
 from sde_mol.training.loop import LoopConfig
-from sde_mol.training.state import count_params, init_state
+from sde_mol.training.state import count_params
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ PRESETS = {
         Config(
             spec=ModelSpec(ModelConfig(hidden=128, n_layers=5), SDEConfig(timesteps=1000), DenoiserConfig()),
             optim=OptimConfig(lr=2e-5, ema_decay=0.999, warmup_steps=300, decay_steps=15_000, lr_end=2e-6),
-            data=DataConfig(batch_size=64, buckets=(17, 20, 23, 29)),
+            data=DataConfig(batch_size=64, buckets=QM9_BUCKETS),
             train=LoopConfig(steps=15_300, eval_every=5000, ckpt_every=500, log_every=100, eval_at_start=True),
             eval=EvalConfig(
                 n_valid=1000, n_samples=500, sampler=SamplerConfig(sampler="reverse_sde", steps=250), batch_size=250
@@ -93,7 +88,7 @@ PRESETS = {
         Config(
             spec=ModelSpec(ModelConfig(hidden=64, n_layers=4), SDEConfig(), DenoiserConfig()),
             optim=OptimConfig(lr=5e-4, ema_decay=0.999),
-            data=DataConfig(batch_size=64, buckets=(17, 20, 23, 29)),
+            data=DataConfig(batch_size=64, buckets=QM9_BUCKETS),
             train=LoopConfig(steps=200_000, eval_every=5000, ckpt_every=1000, log_every=100),
             eval=EvalConfig(n_valid=500, n_samples=200),
             out_dir=Path("runs/edm_qm9_small"),
@@ -104,46 +99,16 @@ PRESETS = {
 
 def main(cfg: Config) -> None:
     distributed.initialise()  # multi-host runs only (see sde_mol/training/distributed.py); a no-op otherwise
-    if cfg.resume is not None and cfg.init_from is not None:
-        raise UsageError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
-    if cfg.resume is not None:
-        header = checkpoint.read_header(cfg.resume)
-        if header["kind"] != "train_state":
-            raise UsageError(
-                f"--resume {cfg.resume}: expected a train_state checkpoint (runs/<name>/last.eqx), got a "
-                f"{header['kind']} (to start from a model's weights, use --init-from)"
-            )
-        stored = from_dict(ModelSpec, header["config"]["spec"])
-        if stored != cfg.spec:
-            raise UsageError(f"{cfg.resume}: its model spec {stored} differs from the requested {cfg.spec}")
-    if cfg.init_from is not None:
-        stored = from_dict(ModelSpec, checkpoint.read_header(cfg.init_from)["config"]["spec"])
-        if dataclasses.replace(stored, sde=cfg.spec.sde) != cfg.spec:
-            raise UsageError(
-                f"{cfg.init_from}: its network or parametrisation {stored} differs from the requested {cfg.spec} "
-                "(--init-from carries the network over; only the SDE may change)"
-            )
-    full = rr.start(cfg)
+    optimizer = optimizer_from(cfg.optim)
+    hcfg = {"recipe": "train_edm", "spec": to_dict(cfg.spec), "optim": to_dict(cfg.optim), "with_target": False}
+    state = rr.diffusion_state(  # before start(): a refused --resume / --init-from writes nothing
+        cfg.spec, optimizer, hcfg, resume=cfg.resume, init_from=cfg.init_from, init_seed=cfg.init_seed
+    )
+    hcfg["full"] = full = rr.start(cfg)
     if full is None:
         return
     enable_compile_cache(cfg.compile_cache)
     info = dataset_info(cfg.data.dataset)
-    optimizer = optimizer_from(cfg.optim)
-    hcfg = {"recipe": "train_edm", "spec": to_dict(cfg.spec), "optim": to_dict(cfg.optim), "with_target": False}
-    hcfg["full"] = full
-    if cfg.resume is not None:
-        state = checkpoint.load(cfg.resume, train_state_skeleton(cfg.spec, hcfg))
-        print(f"resumed from {cfg.resume} at step {int(state.step)}")
-    elif cfg.init_from is not None:
-        den, stored, header = load_denoiser(cfg.init_from)
-        if stored.sde != cfg.spec.sde:  # the network carries over; the denoiser gets the requested SDE
-            den = eqx.tree_at(lambda d: d.net, build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed)), den.net)
-            print(f"--init-from: SDE changed from {to_dict(stored.sde)} to {to_dict(cfg.spec.sde)}; network kept")
-        state = init_state(den, optimizer)
-        state = eqx.tree_at(lambda s: s.step, state, jnp.array(int(header.get("step", 0)), jnp.int32))
-        print(f"initialised from {cfg.init_from} (step {int(state.step)}; fresh optimiser state)")
-    else:
-        state = init_state(build_denoiser(cfg.spec, key=jr.PRNGKey(cfg.init_seed)), optimizer)
     print(f"trainable parameters: {count_params(state.model):,}")
     rr.fit(
         state,

@@ -28,7 +28,7 @@ import tyro
 
 from sde_mol import checkpoint, cli
 from sde_mol.data.loader import encode_split
-from sde_mol.data.qm9 import load_qm9
+from sde_mol.data.qm9 import QM9_BUCKETS, load_qm9
 from sde_mol.latent import (
     AutoencoderConfig,
     LatentObjective,
@@ -52,7 +52,7 @@ class Config:
     """a trained autoencoder (recipes/train_autoencoder.py: autoencoder.eqx, or its last.eqx / best.eqx)"""
     spec: ModelSpec = field(default_factory=lambda: ModelSpec(ModelConfig(hidden=64, n_layers=4)))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, ema_decay=0.999))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=(17, 20, 23, 29)))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=QM9_BUCKETS))
     train: LoopConfig = field(
         default_factory=lambda: LoopConfig(steps=100_000, eval_every=5000, ckpt_every=1000, log_every=100)
     )

@@ -64,6 +64,23 @@ SAMPLE_METRICS = (
 )
 """The fractions EDM's protocol reports for a set of molecules, in the order tables print them."""
 
+MATCH_METRICS = ("atom_stability", "molecule_stability", "validity")
+"""What `matches` compares."""
+
+
+def matches(student: dict, teacher: dict, *, n: int, z: float = 2.0) -> bool:
+    """Whether `student` is no worse than `teacher` beyond noise: for each of MATCH_METRICS, student >=
+    teacher - z * sqrt(2 p (1 - p) / n), the standard error of the difference of two independent fractions of n
+    molecules at the teacher's value p (atom stability too is counted per molecule: atoms of one molecule are
+    not independent). A missing or NaN value is not a match."""
+    if n < 1:
+        raise ValueError(f"matches: n = {n} molecules; expected at least 1")
+    for k in MATCH_METRICS:
+        s, t = float(student.get(k, float("nan"))), float(teacher.get(k, float("nan")))
+        if not (np.isfinite(s) and np.isfinite(t)) or s < t - z * np.sqrt(2 * t * (1 - t) / n):
+            return False
+    return True
+
 
 def _check_decoder(atom_decoder: Sequence[str]) -> None:
     unknown = [e for e in atom_decoder if e not in ALLOWED_VALENCE]

@@ -6,8 +6,9 @@ Named dims used throughout sde_mol:
   batch     molecules in a batch
 """
 
-from typing import TypeAlias
+from typing import Protocol, TypeAlias, runtime_checkable
 
+import equinox as eqx
 import jax
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
@@ -31,3 +32,19 @@ NpPositions: TypeAlias = Float[np.ndarray, "batch n_atoms 3"]
 NpAtomTypes: TypeAlias = Int[np.ndarray, "batch n_atoms"]  # index into the atom decoder, -1 on padding
 
 ArrayLike: TypeAlias = jax.typing.ArrayLike
+
+
+@runtime_checkable
+class HasNet(Protocol):
+    """A model whose trainable parameters are the leaves of its one network `net` (the denoisers that wrap an
+    EGNN, the autoencoder); everything else in it (its SDE, constants) is frozen in training."""
+
+    net: eqx.Module
+
+
+@runtime_checkable
+class HasSigmaData(Protocol):
+    """A denoiser preconditioned for data of standard deviation `sigma_data` (Karras et al. 2022): what
+    `objectives.denoising.KarrasLoss` weights its error by."""
+
+    sigma_data: float

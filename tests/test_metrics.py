@@ -284,3 +284,19 @@ def test_train_smiles_real_split():
     train = load_qm9("train").subset(np.arange(0, 100_000, 1000))
     some = [s for s in metrics.whole_molecule_smiles(train.positions, train.atom_types) if s is not None]
     assert 95_000 < len(ref) <= 100_000 and set(some) <= ref
+
+
+def test_matches_is_two_standard_errors_below_the_teacher():
+    teacher = {"atom_stability": 0.8, "molecule_stability": 0.05, "validity": 0.5}
+    n = 500
+    se = {k: np.sqrt(2 * p * (1 - p) / n) for k, p in teacher.items()}
+    assert metrics.matches(dict(teacher), teacher, n=n)
+    assert metrics.matches({k: teacher[k] + 0.1 for k in teacher}, teacher, n=n)  # better is a match
+    for k in teacher:  # just inside and just outside two standard errors, one metric at a time
+        inside = dict(teacher, **{k: teacher[k] - 1.9 * se[k]})
+        outside = dict(teacher, **{k: teacher[k] - 2.1 * se[k]})
+        assert metrics.matches(inside, teacher, n=n) and not metrics.matches(outside, teacher, n=n)
+    assert not metrics.matches(dict(teacher, validity=float("nan")), teacher, n=n)
+    assert not metrics.matches({"atom_stability": 0.9}, teacher, n=n)  # a missing metric is not a match
+    with pytest.raises(ValueError, match="n = 0"):
+        metrics.matches(teacher, teacher, n=0)

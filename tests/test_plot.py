@@ -8,6 +8,7 @@ from helpers import load_tool
 from PIL import Image
 
 from sde_mol import io
+from sde_mol.cli import UsageError
 from sde_mol.data.qm9 import load_qm9
 
 
@@ -37,6 +38,20 @@ def test_curve_and_tradeoff(plot, tmp_path):
         path.write_text(json.dumps(m))
         paths.append(path)
     assert _is_png(plot.tradeoff(paths, out=tmp_path / "tradeoff.png"))
+    # a labelled student joins the table: rows in NFE order, the label as its method
+    path = tmp_path / "student" / "metrics.json"
+    path.parent.mkdir()
+    m = {"sampler": {"sampler": "ddim"}, "label": "PD student", "checkpoint": "s.eqx", "nfe": 8, "atom_stability": 0.5}
+    path.write_text(json.dumps(m | {"molecule_stability": 0.0, "validity": 0.25, "molecules_per_second": 40.0}))
+    text = plot.table([*paths, path], out=tmp_path / "table.md")
+    lines = text.splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| 8", "PD student"], ["| 50", "ddim (base)"], ["| 100", "ddim (base)"], ["| 500", "reverse_sde (base)"]
+    ]  # fmt: skip
+    assert "| 50.0 % | 0.0 % | 25.0 % |" in lines[0] and (tmp_path / "table.md").read_text() == text + "\n"
+    (tmp_path / "bad.json").write_text(json.dumps({"nfe": 3}))
+    with pytest.raises(UsageError, match="bad.json: not a metrics.json"):
+        plot.table([tmp_path / "bad.json"])
 
 
 def test_bonds_and_grid_of_real_molecules(plot, tmp_path):

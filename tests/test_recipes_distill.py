@@ -130,6 +130,10 @@ def test_progressive_distill_resumes_and_scores(tiny_teacher, tmp_path, capsys):
     rows = pd.main(replace(cfg, resume=tmp_path / "last.eqx"))
     assert [r["student_steps"] for r in rows] == [4, 2]
     assert all(0 <= r["validity"] <= 1 and 0 <= r["atom_stability"] <= 1 for r in rows)
+    # the probe: round 1's teacher is round 0's student, read back from students.json (same molecules)
+    assert rows[1]["teacher_probe"] == {k: rows[0][k] for k in ("atom_stability", "molecule_stability", "validity")}
+    assert set(rows[0]["teacher_probe"]) == {"atom_stability", "molecule_stability", "validity"}
+    assert all(isinstance(r["matched_teacher"], bool) for r in rows)
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert checkpoint.read_header(tmp_path / "student_2steps.eqx")["step"] == 4

@@ -67,7 +67,7 @@ import tyro
 
 from sde_mol import samplers
 from sde_mol.data.loader import BatchIterator
-from sde_mol.data.qm9 import load_qm9
+from sde_mol.data.qm9 import QM9_BUCKETS, load_qm9
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.run.build import build_denoiser, dataset_info, optimizer_from
@@ -107,7 +107,7 @@ class Config:
     batch_size: int = 64
     repeats: int | None = None
     """timed runs per measurement, median reported (default 5; --quick: 2)"""
-    buckets: tuple[int, ...] = (17, 20, 23, 29)
+    buckets: tuple[int, ...] = QM9_BUCKETS
     ancestral_steps: int | None = None
     """ancestral steps to run (default 1000; --quick: 10); fewer than 1000 -> two-point fit, extrapolated"""
     pf_ode_steps: int | None = None

@@ -5,13 +5,16 @@ Usage:
     python tools/plot.py curve runs/edm_qm9_finetune/metrics.jsonl --out curve.png
     # (b) quality versus NFE from any set of metrics.json files (recipes/sample.py), one line per method
     python tools/plot.py tradeoff samples/*/metrics.json --out tradeoff.png
+    # (b') the same files as a markdown table (NFE, method, stability, validity, V&U, novelty, molecules/s)
+    python tools/plot.py table samples/*/metrics.json --out table.md
     # (c) bond-length histograms of samples against QM9's train split, per bond type (C-H, C-C, C=O, ...)
     python tools/plot.py bonds samples/reverse_sde_500/samples.sdf --out bonds.png
     # (d) an RDKit grid image of the first molecules of a file (2D depictions of their largest fragment)
     python tools/plot.py grid samples/reverse_sde_500/samples.sdf --out grid.png
 
-In (b) a method is the sampler name (and the checkpoint, when the files come from several): its points are
-joined in order of NFE, stability and validity on the left axis, molecules/s (dashed) on the right.
+In (b) a method is the run's --label (recipes/sample.py), else the sampler name (and the checkpoint, when the
+files come from several): its points are joined in order of NFE, stability and validity on the left axis,
+molecules/s (dashed) on the right.
 """
 
 import json
@@ -66,17 +69,52 @@ def curve(metrics_jsonl: Path, /, out: Path = Path("curve.png")) -> Path:
     return _save(fig, out)
 
 
-def tradeoff(metrics_json: list[Path], /, out: Path = Path("tradeoff.png")) -> Path:
-    """Atom / molecule stability and validity against NFE (log x), molecules/s on a second axis."""
-    runs = [json.loads(Path(p).read_text()) for p in metrics_json]
+def _methods(metrics_json: list[Path]) -> dict[str, list[dict]]:
+    """metrics.json files of recipes/sample.py grouped by method, each group sorted by NFE: the run's --label,
+    else its sampler name (and checkpoint, when the files come from several)."""
+    runs = []
+    for p in metrics_json:
+        r = json.loads(Path(p).read_text())
+        missing = [k for k in ("sampler", "nfe", "molecules_per_second", *metrics.MATCH_METRICS) if k not in r]
+        if missing:
+            raise UsageError(f"{p}: not a metrics.json of recipes/sample.py (no {', '.join(missing)})")
+        runs.append(r)
     several = len({Path(str(r.get("checkpoint"))).name for r in runs}) > 1
     methods = defaultdict(list)
     for r in runs:
-        name = r["sampler"]["sampler"] + (f" ({Path(r['checkpoint']).stem})" if several else "")
+        name = r.get("label") or r["sampler"]["sampler"] + (f" ({Path(r['checkpoint']).stem})" if several else "")
         methods[name].append(r)
+    return {name: sorted(rs, key=lambda r: r["nfe"]) for name, rs in sorted(methods.items())}
+
+
+def table(metrics_json: list[Path], /, out: Path | None = None) -> str:
+    """The same files as a markdown table, ordered by NFE then method: NFE, method, atom / molecule stability,
+    validity, V&U, novelty (%), molecules/s and the number of molecules; printed, and written to `out`."""
+    head = "| NFE | method | atom stab. | mol. stab. | valid | V&U | novelty | mol/s | molecules |\n" + "|---" * 9 + "|"
+    rows = sorted(((r, name) for name, rs in _methods(metrics_json).items() for r in rs), key=lambda x: x[0]["nfe"])
+
+    def pct(v):
+        return "" if v is None else f"{100 * v:.1f} %"
+
+    lines = [
+        f"| {r['nfe']:.0f} | {name} | {pct(r['atom_stability'])} | {pct(r['molecule_stability'])} | "
+        f"{pct(r['validity'])} | {pct(r.get('valid_and_unique'))} | {pct(r.get('novelty'))} | "
+        f"{r['molecules_per_second']:.1f} | {r.get('n_molecules', '')} |"
+        for r, name in rows
+    ]
+    text = "\n".join([head, *lines])
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return text
+
+
+def tradeoff(metrics_json: list[Path], /, out: Path = Path("tradeoff.png")) -> Path:
+    """Atom / molecule stability and validity against NFE (log x), molecules/s on a second axis."""
+    methods = _methods(metrics_json)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
-    for (name, rs), color in zip(sorted(methods.items()), plt.cm.tab10.colors, strict=False):
-        rs = sorted(rs, key=lambda r: r["nfe"])
+    for (name, rs), color in zip(methods.items(), plt.cm.tab20.colors, strict=False):
         nfe = [r["nfe"] for r in rs]
         for ax, key in zip(axes, ("atom_stability", "molecule_stability", "validity"), strict=True):
             ax.plot(nfe, [100 * r[key] for r in rs], "o-", color=color, label=name)
@@ -146,7 +184,7 @@ def grid(samples: Path, /, out: Path = Path("grid.png"), n: int = 24, per_row: i
     return out
 
 
-COMMANDS = {"curve": curve, "tradeoff": tradeoff, "bonds": bonds, "grid": grid}
+COMMANDS = {"curve": curve, "tradeoff": tradeoff, "table": table, "bonds": bonds, "grid": grid}
 
 if __name__ == "__main__":
     cli.run(lambda result: result, lambda: tyro.extras.subcommand_cli_from_dict(COMMANDS))

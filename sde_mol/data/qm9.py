@@ -25,6 +25,8 @@ import numpy as np
 ATOM_DECODER = ("H", "C", "N", "O", "F")
 ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
 MAX_N_ATOMS = 29
+QM9_BUCKETS = (17, 20, 23, 29)
+"""Size buckets (padded widths) for QM9 batches: each holds about a quarter of the training molecules."""
 N_QM9 = 130_831
 N_TRAIN, N_VALID, N_TEST = 100_000, 17_748, 13_083
 CACHE_FORMAT = 1

@@ -25,7 +25,7 @@ from ..data.qm9 import DatasetInfo
 from ..likelihood import kl_prior, log_p_xh_given_z0
 from ..molecule import Molecule, com_free_normal, n_real, project
 from ..sde import require_unit_interval
-from ..typing import IntScalar, Key, NodeMask, Scalar
+from ..typing import HasSigmaData, IntScalar, Key, NodeMask, Scalar
 from .base import AbstractObjective
 
 
@@ -112,7 +112,7 @@ class KarrasLoss(AbstractObjective):
     p_mean: float = eqx.field(static=True, default=-1.2)
     p_std: float = eqx.field(static=True, default=1.2)
 
-    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+    def loss_one(self, model: HasSigmaData, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
         ks, ke = jr.split(key)
         sde = model.sde
         sigma = jnp.exp(self.p_mean + self.p_std * jr.normal(ks, ()))

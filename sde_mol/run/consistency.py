@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import checkpoint
-from ..denoisers import AbstractDenoiser, TruncatedConsistencyFunction
+from ..data.qm9 import QM9_BUCKETS
+from ..denoisers import AbstractDenoiser, EpsDenoiser, KarrasDenoiser, TruncatedConsistencyFunction
 from ..training.loop import LoopConfig
 from ..training.state import count_params
 from .build import build_sde_from, continuous_sde_config, denoiser_from, optimizer_from
@@ -67,7 +68,7 @@ class RunConfig:
     """a student built from scratch (a consistency parametrisation on a continuous-time SDE)"""
     loss: ConsistencyLossConfig = field(default_factory=ConsistencyLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, ema_decay=0.9999, clip="1.0"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=(17, 20, 23, 29)))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=64, buckets=QM9_BUCKETS))
     train: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100_000, log_every=100, ckpt_every=1000))
     eval_samples: int = 0
     """molecules sampled and scored at the end for each of --eval-steps; 0 = skip"""
@@ -102,7 +103,7 @@ def check_student_spec(spec: ModelSpec) -> None:
         )
 
 
-def student_from_teacher(teacher: AbstractDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
+def student_from_teacher(teacher: EpsDenoiser | KarrasDenoiser, spec: ModelSpec) -> tuple[AbstractDenoiser, ModelSpec]:
     """ECT-style initialisation (Geng et al. 2024): a consistency function on a copy of a (continuous-SDE)
     teacher's network. eps teachers give `EpsConsistencyFunction`, Karras teachers `ConsistencyFunction` with
     their sigma_data (whose c_skip, c_out approach Karras' away from t_min)."""

@@ -5,6 +5,7 @@ or start a training state, the jitted step and the loop, and scoring sampled mol
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 
 from .. import checkpoint, metrics
+from ..cli import UsageError
 from ..data.fixed import fixed_molecules
 from ..data.loader import BatchIterator, encode_split
 from ..data.qm9 import DatasetInfo, load_qm9
@@ -25,13 +27,13 @@ from ..likelihood import dataset_nll
 from ..molecule import Molecule, com_free_normal
 from ..objectives.base import AbstractObjective
 from ..objectives.denoising import eps_error
-from ..samplers import SamplerFn, sample_molecules
+from ..samplers import SamplerFn, buckets_for, sample_molecules
 from ..training.loop import LoopConfig, run_loop
 from ..training.prefetch import host_batches, to_device
 from ..training.state import TrainState, compute_dtype_from, init_state, make_step
 from .build import build_denoiser, build_sampler, continuous_teacher, dataset_info
-from .configs import DataConfig, EvalConfig, ModelSpec, SamplerConfig, to_dict
-from .load import load_denoiser
+from .configs import DataConfig, EvalConfig, ModelSpec, SamplerConfig, from_dict, to_dict
+from .load import load_denoiser, train_state_skeleton
 
 
 def start(cfg: Any) -> dict | None:
@@ -123,6 +125,52 @@ def initial_state(
     return state
 
 
+def diffusion_state(
+    spec: ModelSpec,
+    optimizer: optax.GradientTransformation,
+    header: dict,
+    *,
+    resume: Path | None,
+    init_from: Path | None,
+    init_seed: int,
+) -> TrainState:
+    """The training state of a diffusion model of `spec`: `resume` (a train_state of the same spec, continued),
+    `init_from` (a warm start from any checkpoint holding a denoiser of the same network and parametrisation:
+    model and EMA start from its EMA weights, the optimiser state is fresh, the step continues from its header;
+    the SDE may differ, e.g. T = 200 -> 1000, and is then replaced) or a new model from `init_seed`."""
+    if resume is not None and init_from is not None:
+        raise UsageError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
+    if resume is not None:
+        stored_header = checkpoint.read_header(resume)
+        if stored_header["kind"] != "train_state":
+            raise UsageError(
+                f"--resume {resume}: expected a train_state checkpoint (runs/<name>/last.eqx), got a "
+                f"{stored_header['kind']} (to start from a model's weights, use --init-from)"
+            )
+        stored = from_dict(ModelSpec, stored_header["config"]["spec"])
+        if stored != spec:
+            raise UsageError(f"{resume}: its model spec {stored} differs from the requested {spec}")
+        state = checkpoint.load(resume, train_state_skeleton(spec, header))
+        print(f"resumed from {resume} at step {int(state.step)}")
+        return state
+    if init_from is None:
+        return init_state(build_denoiser(spec, key=jr.PRNGKey(init_seed)), optimizer)
+    stored = from_dict(ModelSpec, checkpoint.read_header(init_from)["config"]["spec"])
+    if replace(stored, sde=spec.sde) != spec:
+        raise UsageError(
+            f"{init_from}: its network or parametrisation {stored} differs from the requested {spec} "
+            "(--init-from carries the network over; only the SDE may change)"
+        )
+    den, stored, stored_header = load_denoiser(init_from)
+    if stored.sde != spec.sde:  # the network carries over; the denoiser gets the requested SDE
+        den = eqx.tree_at(lambda d: d.net, build_denoiser(spec, key=jr.PRNGKey(init_seed)), den.net)
+        print(f"--init-from: SDE changed from {to_dict(stored.sde)} to {to_dict(spec.sde)}; network kept")
+    state = init_state(den, optimizer)
+    state = eqx.tree_at(lambda s: s.step, state, jnp.array(int(stored_header.get("step", 0)), jnp.int32))
+    print(f"initialised from {init_from} (step {int(state.step)}; fresh optimiser state)")
+    return state
+
+
 def fit(
     state: TrainState,
     objective: AbstractObjective,
@@ -161,8 +209,9 @@ def fit(
 
 
 def score_samples(fn: SamplerFn, info: DatasetInfo, n: int, *, seed: int, reference: Any = None) -> dict:
-    """EDM's metrics of n molecules drawn by `fn` (molecule i from `fold_in(PRNGKey(seed), i)`)."""
-    res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=n)
+    """EDM's metrics of n molecules drawn by `fn` (molecule i from `fold_in(PRNGKey(seed), i)`), sampled in
+    batches of at most 100 at QM9's size buckets (`samplers.batching.buckets_for`), as recipes/sample.py does."""
+    res = sample_molecules(fn, n, info, key=jr.PRNGKey(seed), batch_size=min(n, 100), buckets=buckets_for(info))
     m = metrics.evaluate_samples(res, reference, atom_decoder=info.atom_decoder)
     return {k: v for k, v in m.items() if v is not None}
 

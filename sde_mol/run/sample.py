@@ -24,6 +24,7 @@ import numpy as np
 from .. import checkpoint, io, latent, metrics
 from ..cli import UsageError
 from ..compile_cache import enable_compile_cache
+from ..data.qm9 import QM9_BUCKETS
 from ..samplers import compile_sampler, sample_molecules
 from .build import build_sampler, continuous_teacher, dataset_info
 from .configs import SamplerConfig, from_dict, to_dict
@@ -44,7 +45,7 @@ class GenerateConfig:
     continuous polynomial schedule), so that any step count and grid is exact; other SDEs are unchanged"""
     n_samples: int = 100
     batch_size: int = 100
-    buckets: tuple[int, ...] = (17, 20, 23, 29)
+    buckets: tuple[int, ...] = QM9_BUCKETS
     """sample each molecule at the smallest of these widths that holds it (QM9's size buckets; the largest
     must be >= the dataset's maximum size); empty: every molecule at the full width"""
     seed: int = 0
@@ -61,6 +62,9 @@ class GenerateConfig:
     """no progress bar"""
     overwrite: bool = False
     """replace the outputs of an earlier run in --out-dir (refused without it)"""
+    label: str = ""
+    """a method name for this run in metrics.json, which `tools/plot.py tradeoff` and `table` group rows by
+    (empty: the sampler name)"""
     dry_run: bool = False
 
 
@@ -152,6 +156,7 @@ def generate(cfg: GenerateConfig) -> dict:
     result["checkpoint"] = str(cfg.checkpoint)
     result["checkpoint_step"] = header.get("step")
     result["sampler"] = to_dict(cfg.sampler)
+    result["label"] = cfg.label or None
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     print(metrics_table(result))

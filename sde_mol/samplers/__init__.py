@@ -10,6 +10,7 @@ from .batching import (
     PARTIAL_BATCH_MULTIPLE as PARTIAL_BATCH_MULTIPLE,
     SamplerFn as SamplerFn,
     Samples as Samples,
+    buckets_for as buckets_for,
     capacities as capacities,
     compile_sampler as compile_sampler,
     decode as decode,

@@ -16,7 +16,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from ..data.qm9 import DatasetInfo
+from ..data.qm9 import QM9_BUCKETS, DatasetInfo
 from ..molecule import Molecule
 from ..typing import Key, NodeMask
 from .steps import NFE
@@ -95,6 +95,11 @@ def capacities(sizes: np.ndarray, info: DatasetInfo, buckets: tuple[int, ...] | 
             f"of {info.max_n_atoms} atoms"
         )
     return caps[np.searchsorted(caps, sizes)]
+
+
+def buckets_for(info: DatasetInfo, edges: tuple[int, ...] = QM9_BUCKETS) -> tuple[int, ...]:
+    """The bucket widths `edges` below the dataset's capacity, then the capacity itself (QM9: (17, 20, 23, 29))."""
+    return tuple(b for b in sorted(set(edges)) if b < info.max_n_atoms) + (info.max_n_atoms,)
 
 
 PARTIAL_BATCH_MULTIPLE = 8

@@ -154,7 +154,7 @@ def run_loop(
             if out_of_time:
                 if main_process:
                     print(
-                        f"wall-clock budget of {cfg.max_minutes} min spent at step {step}; resume with --resume "
+                        f"wall-clock budget of {cfg.max_minutes:.4g} min spent at step {step}; resume with --resume "
                         f"{out_dir / 'last.eqx'}",
                         flush=True,
                     )

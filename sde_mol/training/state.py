@@ -22,11 +22,14 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ..data.fixed import tiled_batch
 from ..molecule import Molecule
 from ..objectives.base import AbstractObjective
-from ..typing import Key
+from ..typing import HasNet, Key
 from . import distributed
 
 
 class TrainState(eqx.Module):
+    """A model (usually `HasNet`: what `make_step` trains), its EMA, an optional target model (consistency and
+    progressive distillation), the optimiser state and the step; the loop itself needs only `step`."""
+
     model: PyTree
     ema_model: PyTree
     target_model: PyTree | None
@@ -34,13 +37,13 @@ class TrainState(eqx.Module):
     step: Int[Array, ""]
 
 
-def trainable_filter(model: PyTree) -> PyTree:
+def trainable_filter(model: HasNet) -> PyTree:
     """Filter spec: True on the inexact-array leaves of `model.net`, False elsewhere."""
     spec = jax.tree.map(lambda _: False, model)
     return eqx.tree_at(lambda m: m.net, spec, replace=jax.tree.map(eqx.is_inexact_array, model.net))
 
 
-def params_of(model: PyTree) -> PyTree:
+def params_of(model: HasNet) -> PyTree:
     return eqx.filter(model, trainable_filter(model))
 
 
@@ -52,14 +55,14 @@ def compute_dtype_from(precision: str):
     return dtypes[precision]
 
 
-def cast_params(model: PyTree, dtype) -> PyTree:
+def cast_params(model: HasNet, dtype) -> HasNet:
     """`model` with its trainable leaves (those of `model.net`) cast to `dtype`; frozen leaves unchanged.
     Differentiable: gradients flow back to the original dtype."""
     spec = trainable_filter(model)
     return jax.tree.map(lambda x, s: x.astype(dtype) if s else x, model, spec)
 
 
-def init_state(model: PyTree, optimizer: optax.GradientTransformation, *, with_target: bool = False) -> TrainState:
+def init_state(model: HasNet, optimizer: optax.GradientTransformation, *, with_target: bool = False) -> TrainState:
     opt_state = optimizer.init(params_of(model))
     return TrainState(model, model, model if with_target else None, opt_state, jnp.array(0, jnp.int32))
 

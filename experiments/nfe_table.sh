@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Quality against NFE: a teacher sampled training-free (DDIM, respaced ancestral steps and PF-ODE heun on a
+# Karras grid, all on its continuous twin), its recommended sampler, and every distilled student found, with the
+# same molecules (seed 0) per row; then the markdown table and the trade-off plot of all rows.
+#
+# Usage: experiments/nfe_table.sh TEACHER OUT [STUDENT.eqx ...]
+#   N=1000 (molecules per row), STEPS="1 2 4 8 16 32 64" (step counts of the training-free rows),
+#   RECOMMENDED=1 (also the teacher's recommended sampler; 0 skips it: the slowest row)
+# e.g. experiments/nfe_table.sh checkpoints/edm_qm9_base.eqx samples/nfe checkpoints/student_pd_*.eqx
+# A row whose metrics.json exists is kept (delete it to redo the row).
+set -euo pipefail
+teacher=$1
+out=$2
+shift 2
+n=${N:-1000}
+steps=${STEPS:-1 2 4 8 16 32 64}
+
+row() {  # row NAME LABEL ARGS...: one recipes/sample.py run into $out/NAME
+    local name=$1 label=$2
+    shift 2
+    if [[ -f $out/$name/metrics.json ]]; then
+        echo "kept $out/$name"
+        return
+    fi
+    python recipes/sample.py --n-samples "$n" --seed 0 --quiet --overwrite --label "$label" \
+        --out-dir "$out/$name" "$@"
+}
+
+for k in $steps; do
+    row "ddim_$k" "teacher, DDIM" --checkpoint "$teacher" --continuous-time \
+        --sampler.sampler ddim --sampler.steps "$k"
+    row "ancestral_$k" "teacher, respaced ancestral" --checkpoint "$teacher" --continuous-time \
+        --sampler.sampler ancestral --sampler.steps "$k"
+    if ((k > 1)); then  # heun: two evaluations a step, so k / 2 steps
+        row "heun_karras_$((k / 2))" "teacher, PF-ODE heun (Karras)" --checkpoint "$teacher" --continuous-time \
+            --sampler.sampler pf_ode --sampler.solver heun --sampler.grid karras --sampler.steps $((k / 2))
+    fi
+done
+if [[ ${RECOMMENDED:-1} == 1 ]]; then
+    row recommended "teacher, recommended sampler" --checkpoint "$teacher"
+fi
+for student in "$@"; do  # a student samples with its own sampler (its header says which)
+    name=$(basename "$student" .eqx)
+    method=${name%_*}  # student_pd_8nfe -> student_pd: one curve per method
+    if [[ $method == "$name" || $method == student ]]; then  # runs/pd_qm9/student_8steps.eqx -> pd_qm9
+        method=$(basename "$(dirname "$student")")
+    fi
+    row "${method}_$name" "$method" --checkpoint "$student"
+done
+python tools/plot.py table "$out"/*/metrics.json --out "$out/table.md"
+python tools/plot.py tradeoff "$out"/*/metrics.json --out "$out/tradeoff.png"
