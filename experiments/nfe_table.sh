@@ -26,6 +26,9 @@ row() {  # row NAME LABEL ARGS...: one recipes/sample.py run into $out/NAME
         --out-dir "$out/$name" "$@"
 }
 
+if [[ ${RECOMMENDED:-1} == 1 ]]; then
+    row recommended "teacher, recommended sampler" --checkpoint "$teacher"
+fi
 for k in $steps; do
     row "ddim_$k" "teacher, DDIM" --checkpoint "$teacher" --continuous-time \
         --sampler.sampler ddim --sampler.steps "$k"
@@ -36,9 +39,6 @@ for k in $steps; do
             --sampler.sampler pf_ode --sampler.solver heun --sampler.grid karras --sampler.steps $((k / 2))
     fi
 done
-if [[ ${RECOMMENDED:-1} == 1 ]]; then
-    row recommended "teacher, recommended sampler" --checkpoint "$teacher"
-fi
 for student in "$@"; do  # a student samples with its own sampler (its header says which)
     name=$(basename "$student" .eqx)
     method=${name%_*}  # student_pd_8nfe -> student_pd: one curve per method

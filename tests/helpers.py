@@ -16,7 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_script(path: Path, module_name: str):
+def load_script(path: Path, module_name: str):
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -26,12 +26,12 @@ def _load_script(path: Path, module_name: str):
 
 def load_recipe(name: str):
     """Import recipes/<name>.py as a module (recipes are scripts, not a package)."""
-    return _load_script(ROOT / "recipes" / f"{name}.py", f"recipe_{name}")
+    return load_script(ROOT / "recipes" / f"{name}.py", f"recipe_{name}")
 
 
 def load_tool(name: str):
     """Import tools/<name>.py as a module."""
-    return _load_script(ROOT / "tools" / f"{name}.py", f"tool_{name}")
+    return load_script(ROOT / "tools" / f"{name}.py", f"tool_{name}")
 
 
 # --- torch-format files without torch (tests of sde_mol/nn/torch_format.py and the EDM converter) ---------

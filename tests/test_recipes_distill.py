@@ -3,6 +3,8 @@ with an oracle teacher, with a tiny real checkpoint (interrupted and resumed) an
 train_autoencoder.py; train_latent.py; sampling students and latent models through recipes/sample.py."""
 
 import json
+import os
+import subprocess
 from dataclasses import replace
 
 import jax.random as jr
@@ -238,3 +240,29 @@ def test_latent_recipe_needs_an_autoencoder(tmp_path):
     tl = _recipe("train_latent")
     with pytest.raises(FileNotFoundError, match="train_autoencoder"):
         tl.main(tl.Config(autoencoder=tmp_path / "none.eqx", out_dir=tmp_path))
+
+
+@pytest.mark.slow
+def test_nfe_table_and_pd_levels_on_a_tiny_run(tiny_teacher, tmp_path):
+    """experiments/nfe_table.sh: training-free rows of the teacher and a student's row, one table; and
+    experiments/pd_levels.py on that student against its teacher: one row per student step."""
+    from helpers import ROOT, load_script
+
+    pd = _recipe("progressive_distill")
+    cfg = _pd_config(pd, tiny_teacher, tmp_path / "pd", rounds=1, teacher_steps=4, continuous_time=True)
+    pd.main(cfg)
+    student = tmp_path / "pd" / "student_2steps.eqx"
+    env = dict(os.environ, N="3", STEPS="2", RECOMMENDED="0")
+    out = tmp_path / "table"
+    subprocess.run(
+        ["bash", str(ROOT / "experiments" / "nfe_table.sh"), str(tiny_teacher), str(out), str(student)],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    lines = (out / "table.md").read_text().splitlines()[2:]
+    methods = sorted(line.split(" | ")[1] for line in lines)
+    assert methods == ["pd", "teacher, DDIM", "teacher, PF-ODE heun (Karras)", "teacher, respaced ancestral"]
+    assert all(line.endswith("| 3 |") for line in lines)  # every row scored its 3 molecules
+    levels = load_script(ROOT / "experiments" / "pd_levels.py", "pd_levels")
+    report = levels.main(levels.Config(student=student, teacher=tiny_teacher, continuous_time=True, n_valid=4))
+    assert [r["t"] for r in report["levels"]] == [1.0, 0.5] and report["student_steps"] == 2
+    assert all(np.isfinite(r[k]) for r in report["levels"] for k in ("distill", "student_x0", "target_x0"))

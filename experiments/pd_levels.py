@@ -1,0 +1,114 @@
+"""Which noise levels a progressive-distillation student gets wrong: at each of its N steps t_i -> t_{i-1}, on the
+same validation molecules and noise for every model (a paired comparison),
+* `distill`: its distillation loss there, the truncated-SNR weighted x0 error against its teacher's two-step
+  target x~ (what training minimised; with a stochastic teacher it includes the target's own variance),
+* `student_x0` / `teacher_x0`: the x0 error per state dimension of the student's estimate and of the
+  teacher's one-evaluation estimate against the data, unweighted,
+* `target_x0`: the same for the two-step target x~ (the teacher's two steps, read as one step's x0).
+
+Usage:
+    python experiments/pd_levels.py --student runs/pd_qm9/student_8steps.eqx \
+        --teacher runs/pd_qm9/student_16steps.eqx
+    python experiments/pd_levels.py --student runs/pd_qm9/student_256steps.eqx \
+        --teacher checkpoints/edm_qm9_base.eqx --continuous-time    # round 0: the original teacher
+
+The teacher's step kind and the target's come from the student's header (`distillation`), as the run used them.
+Figures: experiments/NOTES.md, "Progressive distillation of the QM9 teacher".
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import tyro
+
+from sde_mol.data.loader import encode_split
+from sde_mol.data.qm9 import load_qm9
+from sde_mol.molecule import Molecule, com_free_normal, project, state_dim
+from sde_mol.objectives.progressive import (
+    HalvingSchedule,
+    ProgressiveDistillation,
+    ddim_target,
+    truncated_snr_weight,
+)
+from sde_mol.run.build import continuous_teacher, dataset_info
+from sde_mol.run.load import load_denoiser
+from sde_mol.run.progressive import ETA
+
+
+@dataclass(frozen=True)
+class Config:
+    student: Path
+    """a student_<N>steps.eqx of recipes/progressive_distill.py"""
+    teacher: Path
+    """its teacher: the previous round's student, or the run's original teacher"""
+    continuous_time: bool = False
+    """run the teacher on the continuous twin of its SDE (an EDM discrete-table teacher, as the run did)"""
+    n_valid: int = 500
+    """the first n molecules of the QM9 validation split"""
+    seed: int = 11
+    chunk: int = 250
+
+
+def main(cfg: Config) -> dict:
+    student, spec, header = load_denoiser(cfg.student)
+    teacher, t_spec, _ = load_denoiser(cfg.teacher)
+    if cfg.continuous_time:
+        teacher, t_spec = continuous_teacher(teacher, t_spec)
+    dist = header["config"].get("distillation")
+    if dist is None:
+        raise ValueError(f"--student {cfg.student}: not a progressive-distillation student (no 'distillation')")
+    if t_spec.sde != spec.sde:
+        raise ValueError(f"--teacher {cfg.teacher}: its SDE {t_spec.sde} is not the student's {spec.sde}")
+    n = int(dist["student_steps"])
+    info = dataset_info(spec.dataset)
+    pos, feat, mask = encode_split(load_qm9("valid").subset(slice(0, cfg.n_valid)), info)
+    sde = student.sde
+    etas = {"teacher_eta": ETA[dist["teacher_sampler"]], "student_eta": ETA[dist["target"]]}
+    pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas)
+
+    def sq(a, b, m):  # squared error over the real atoms' positions and features
+        return jnp.sum(jnp.where(m[:, None], (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
+            jnp.where(m[:, None], (a.features - b.features) ** 2, 0.0)
+        )
+
+    def one(x, m, t, t_mid, t_end, key):
+        k_eps, k_teacher = jr.split(key)
+        alpha, sigma = sde.marginal(t)
+        z = project(alpha * x + sigma * com_free_normal(k_eps, m, info.n_feat), m)
+        z_end = pd.teacher_endpoint(teacher, t, t_mid, t_end, z, m, key=k_teacher)
+        target = ddim_target(sde, t, t_end, z, z_end, pd.student_eta)
+        x_s, x_t = student(t, z, m), teacher(t, z, m)
+        dim = state_dim(m, info.n_feat)
+        w = truncated_snr_weight(sde, t)
+        return jnp.stack([w * sq(x_s, target, m), sq(x_s, x, m), sq(x_t, x, m), sq(target, x, m)]) / dim
+
+    @eqx.filter_jit
+    def chunk_sums(x, m, t, t_mid, t_end, key):
+        keys = jr.split(key, m.shape[0])
+        return jnp.sum(jax.vmap(one, in_axes=(0, 0, None, None, None, 0))(x, m, t, t_mid, t_end, keys), axis=0)
+
+    rows = []
+    t_lo, span = sde.t_min, sde.t_max - sde.t_min
+    for i in range(n, 0, -1):
+        t, t_mid, t_end = (jnp.float32(t_lo + span * v) for v in (i / n, (2 * i - 1) / (2 * n), (i - 1) / n))
+        total = np.zeros(4)
+        for lo in range(0, cfg.n_valid, cfg.chunk):
+            x = Molecule(jnp.asarray(pos[lo : lo + cfg.chunk]), jnp.asarray(feat[lo : lo + cfg.chunk]))
+            key = jr.fold_in(jr.fold_in(jr.key(cfg.seed), i), lo)
+            total += np.asarray(chunk_sums(x, jnp.asarray(mask[lo : lo + cfg.chunk]), t, t_mid, t_end, key))
+        mean = total / cfg.n_valid
+        names = ("distill", "student_x0", "teacher_x0", "target_x0")
+        row = {"t": round(float(t), 4), "t_end": round(float(t_end), 4)}
+        rows.append(row | {k: float(f"{v:.4g}") for k, v in zip(names, mean, strict=True)})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"student": str(cfg.student), "teacher": str(cfg.teacher), "student_steps": n, "levels": rows}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
