@@ -25,14 +25,15 @@ import jax
 import jax.random as jr
 
 from . import checkpoint
+from .denoisers import AbstractDenoiser
 from .molecule import Molecule
 from .nn.autoencoder import POSTERIOR_STD, EquivariantAutoencoder
 from .objectives.base import AbstractObjective
 from .run.build import build_network, build_sampler, build_sde_from, dataset_info, denoiser_from, optimizer_from
 from .run.configs import ModelSpec, OptimConfig, SamplerConfig, from_dict
 from .samplers import NFE, SamplerFn
-from .training.state import init_state
-from .typing import IntScalar, Key, NodeMask
+from .training.state import TrainState, init_state
+from .typing import IntScalar, Key, NodeMask, Real
 
 LATENT_KINDS = ("latent_denoiser", "latent_train_state")
 
@@ -65,7 +66,7 @@ def build_autoencoder(cfg: AutoencoderConfig, *, key: Key) -> EquivariantAutoenc
     )
 
 
-def build_latent_denoiser(spec: ModelSpec, latent_channels: int, *, key: Key):
+def build_latent_denoiser(spec: ModelSpec, latent_channels: int, *, key: Key) -> AbstractDenoiser:
     """A denoiser of latent molecules: the spec's network with n_feat = k, its SDE and parametrisation."""
     net = build_network(spec.model, latent_channels, key=key)
     return denoiser_from(spec.denoiser, net, build_sde_from(spec.sde))
@@ -81,7 +82,16 @@ class LatentObjective(AbstractObjective):
     inner: AbstractObjective
     autoencoder: EquivariantAutoencoder
 
-    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+    def loss_one(
+        self,
+        model: AbstractDenoiser,
+        mol: Molecule,
+        mask: NodeMask,
+        *,
+        key: Key,
+        step: IntScalar,
+        target: AbstractDenoiser | None = None,
+    ) -> tuple[Real, dict]:
         k_enc, k_inner = jr.split(key)
         z = jax.lax.stop_gradient(self.autoencoder.sample_latent(mol, mask, key=k_enc))
         return self.inner.loss_one(model, z, mask, key=k_inner, step=step, target=target)
@@ -98,7 +108,10 @@ class LatentSampler(eqx.Module):
         return self.autoencoder.decode(z, mask), nfe
 
 
-def build_latent_sampler(cfg: SamplerConfig, denoiser, autoencoder: EquivariantAutoencoder) -> LatentSampler:
+def build_latent_sampler(
+    cfg: SamplerConfig, denoiser: AbstractDenoiser, autoencoder: EquivariantAutoencoder
+) -> LatentSampler:
+    """The sampler `cfg` on the latent `denoiser`, its final latent decoded by `autoencoder`."""
     return LatentSampler(build_sampler(cfg, denoiser, autoencoder.latent_channels), autoencoder)
 
 
@@ -106,17 +119,18 @@ def build_latent_sampler(cfg: SamplerConfig, denoiser, autoencoder: EquivariantA
 
 
 def is_latent(header: dict) -> bool:
+    """Whether a checkpoint header is a latent model's (kind latent_denoiser or latent_train_state)."""
     return header.get("kind") in LATENT_KINDS
 
 
-def autoencoder_config_of(header: dict, path) -> AutoencoderConfig:
+def autoencoder_config_of(header: dict, path: Path | str) -> AutoencoderConfig:
     cfg = header["config"].get("autoencoder")
     if not isinstance(cfg, dict):
         raise checkpoint.CheckpointError(f"{path}: the header's config has no 'autoencoder' dict")
     return from_dict(AutoencoderConfig, cfg)
 
 
-def autoencoder_state_skeleton(cfg: AutoencoderConfig, optim: OptimConfig):
+def autoencoder_state_skeleton(cfg: AutoencoderConfig, optim: OptimConfig) -> tuple[TrainState]:
     return eqx.filter_eval_shape(
         lambda: (init_state(build_autoencoder(cfg, key=jr.PRNGKey(0)), optimizer_from(optim)),)
     )
@@ -143,7 +157,9 @@ def load_autoencoder(path: Path, *, which: Literal["ema", "model"] = "ema") -> t
     )
 
 
-def latent_state_skeleton(spec: ModelSpec, ae_cfg: AutoencoderConfig, config: dict):
+def latent_state_skeleton(
+    spec: ModelSpec, ae_cfg: AutoencoderConfig, config: dict
+) -> tuple[TrainState, EquivariantAutoencoder]:
     """Shape-only (TrainState, autoencoder) of a "latent_train_state" file, from its header's config."""
     optim = from_dict(OptimConfig, config["optim"])
     with_target = bool(config.get("with_target", False))
@@ -156,7 +172,9 @@ def latent_state_skeleton(spec: ModelSpec, ae_cfg: AutoencoderConfig, config: di
     return eqx.filter_eval_shape(make)
 
 
-def latent_denoiser_skeleton(spec: ModelSpec, ae_cfg: AutoencoderConfig):
+def latent_denoiser_skeleton(
+    spec: ModelSpec, ae_cfg: AutoencoderConfig
+) -> tuple[AbstractDenoiser, EquivariantAutoencoder]:
     return eqx.filter_eval_shape(
         lambda: (
             build_latent_denoiser(spec, ae_cfg.latent_channels, key=jr.PRNGKey(0)),
@@ -165,7 +183,9 @@ def latent_denoiser_skeleton(spec: ModelSpec, ae_cfg: AutoencoderConfig):
     )
 
 
-def load_latent(path: Path, *, which: Literal["ema", "model"] = "ema"):
+def load_latent(
+    path: Path, *, which: Literal["ema", "model"] = "ema"
+) -> tuple[AbstractDenoiser, EquivariantAutoencoder, ModelSpec, dict]:
     """A latent model: returns (latent denoiser, autoencoder, spec, header). For "latent_train_state" files
     the EMA denoiser by default."""
     header = checkpoint.read_header(path)
@@ -181,7 +201,9 @@ def load_latent(path: Path, *, which: Literal["ema", "model"] = "ema"):
     return den, ae, spec, header
 
 
-def load_latent_sampler(path: Path, cfg: SamplerConfig, *, which: Literal["ema", "model"] = "ema"):
+def load_latent_sampler(
+    path: Path, cfg: SamplerConfig, *, which: Literal["ema", "model"] = "ema"
+) -> tuple[LatentSampler, ModelSpec, dict]:
     """(sampler_fn that returns decoded molecules, spec, header) for a latent model file."""
     den, ae, spec, header = load_latent(path, which=which)
     return build_latent_sampler(cfg, den, ae), spec, header

@@ -41,6 +41,7 @@ def test_train_writes_logs_and_checkpoints(trained):
     assert steps == [2, 4] and all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
     evals = [x["eval"] for x in lines if "eval" in x]
     assert len(evals) == 1 and np.isfinite(evals[0]["val_nll"]) and 0 <= evals[0]["validity"] <= 1
+    assert evals[0]["val_nll_sem"] > 0  # the one-draw bound's standard error goes beside it
     header = checkpoint.read_header(out / "last.eqx")
     assert header["kind"] == "train_state" and header["step"] == 4
 
