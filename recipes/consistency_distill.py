@@ -42,7 +42,7 @@ from sde_mol.run.configs import (
 )
 from sde_mol.schedules import constant_n
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_finetuned.eqx"
 
 
 @dataclass(frozen=True)

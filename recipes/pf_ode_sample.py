@@ -7,7 +7,7 @@ Usage:
     python recipes/pf_ode_sample.py --checkpoint runs/edm_qm9_small/best.eqx --grid karras --rho 7
     python recipes/pf_ode_sample.py --dry-run
 
-The default checkpoint is checkpoints/edm_qm9_base.eqx (see its model card). Any sde_mol checkpoint works: a
+The default checkpoint is checkpoints/edm_qm9_finetuned.eqx (see its model card). Any sde_mol checkpoint works: a
 denoiser file, or a training state (its EMA model is used).
 """
 
@@ -22,7 +22,7 @@ from sde_mol.data.qm9 import QM9_BUCKETS
 from sde_mol.run.configs import SamplerConfig, SolverName
 from sde_mol.run.sample import GenerateConfig, generate
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_finetuned.eqx"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSp
 from sde_mol.training.loop import LoopConfig
 from sde_mol.training.state import count_params
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_finetuned.eqx"
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ import tyro
 from sde_mol import cli
 from sde_mol.run.sample import GenerateConfig, generate
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_base.eqx"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "edm_qm9_finetuned.eqx"
 
 
 @dataclass(frozen=True)
 class Config(GenerateConfig):
     checkpoint: Path = DEFAULT_CHECKPOINT
     """an sde_mol checkpoint (.eqx): a denoiser, or a training state (its EMA model); default: the shipped
-    model, checkpoints/edm_qm9_base.eqx (see its model card)"""
+    model, checkpoints/edm_qm9_finetuned.eqx (see its model card)"""
 
 
 def main(cfg: Config) -> dict:

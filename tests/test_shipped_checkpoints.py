@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import load_recipe
 
 from sde_mol import checkpoint
 from sde_mol.molecule import Molecule, com_free_normal
@@ -18,6 +19,12 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "checkpoints").glob("*.e
 
 def test_there_are_shipped_checkpoints():
     assert any(p.name == "edm_qm9_base.eqx" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("recipe", ["sample", "pf_ode_sample", "progressive_distill", "consistency_distill"])
+def test_every_recipe_default_checkpoint_is_shipped(recipe):
+    default = load_recipe(recipe).DEFAULT_CHECKPOINT
+    assert default in SHIPPED and checkpoint.read_header(default)["kind"] == "denoiser"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
