@@ -6,14 +6,11 @@ Usage:
     python recipes/evaluate.py --input samples/ --out runs/eval/metrics.json
     # the "Data" row of EDM's Table 2 (QM9 test split: mol stable 95.2, valid 97.7, valid & unique 97.7)
     python recipes/evaluate.py --dataset qm9 --split test --out runs/eval_qm9_test/metrics.json
-    # quick look at the first 500 molecules, without the (one-off, cached) training-SMILES build
-    python recipes/evaluate.py --dataset qm9 --limit 500 --no-novelty
-    # check the configuration and the input, evaluate nothing
-    python recipes/evaluate.py --input samples/ --dry-run
+    python recipes/evaluate.py --dataset qm9 --limit 500 --no-novelty   # quick: no training-SMILES build
+    python recipes/evaluate.py --input samples/ --dry-run       # check the configuration and the input only
     # a model's test-set NLL (EDM's variational bound, nats per molecule; EMA weights of a training state)
     python recipes/evaluate.py --checkpoint checkpoints/edm_qm9_small.eqx --split test
-    # both at once: the model's NLL and the metrics of molecules it generated
-    python recipes/evaluate.py --checkpoint checkpoints/edm_qm9_small.eqx --input samples/pf_ode/samples.sdf
+    python recipes/evaluate.py --checkpoint checkpoints/edm_qm9_small.eqx --input samples/pf_ode/samples.sdf  # both
 
 Metrics are printed as a table; with --out, metrics.json (plus the evaluation time in seconds) and the
 resolved config.json are written into that folder.
@@ -26,20 +23,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import jax.random as jr
 import numpy as np
 import rdkit
 import tyro
 
 import sde_mol
 from sde_mol import cli
-from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
 from sde_mol.io import read_molecules
-from sde_mol.likelihood import dataset_nll
 from sde_mol.metrics import SAMPLE_METRICS, evaluate, train_smiles
-from sde_mol.run.build import dataset_info
-from sde_mol.run.load import load_denoiser
+from sde_mol.run import recipe as rr
 
 
 @dataclass(frozen=True)
@@ -115,33 +108,6 @@ def table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def model_nll(cfg: Config) -> dict:
-    """Mean NLL (nats/molecule) of the checkpoint on `cfg.split` (first `cfg.limit` molecules), with its
-    standard error over molecules; one compiled batch function, the last batch filled up and trimmed."""
-    denoiser, spec, header = load_denoiser(cfg.checkpoint)
-    info = dataset_info(spec.dataset)
-    split = load_qm9(cfg.split)
-    n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
-    pos, feat, mask = encode_split(split.subset(slice(0, n)), info)
-    t0 = time.perf_counter()
-    try:
-        nll = dataset_nll(
-            denoiser, pos, feat, mask, info, key=jr.PRNGKey(cfg.seed), batch_size=cfg.nll_batch_size,
-            timesteps=spec.sde.timesteps,
-        )  # fmt: skip
-    except FloatingPointError as e:
-        raise FloatingPointError(f"{cfg.checkpoint}: {e}") from None
-    return {
-        "nll": float(nll.mean()),
-        "nll_sem": float(nll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
-        "nll_split": f"{spec.dataset}/{cfg.split}",
-        "nll_molecules": int(n),
-        "nll_seconds": time.perf_counter() - t0,
-        "checkpoint": str(cfg.checkpoint),
-        "checkpoint_step": header.get("step"),
-    }
-
-
 def main(cfg: Config) -> dict | None:
     check(cfg)
     config = resolved_config(cfg)
@@ -166,7 +132,7 @@ def main(cfg: Config) -> dict | None:
         metrics = {"source": source, **metrics, "seconds": time.perf_counter() - t0, "reference_seconds": t_ref}
         print(table(metrics))
     if cfg.checkpoint is not None:
-        nll = model_nll(cfg)
+        nll = rr.split_nll(cfg.checkpoint, cfg.split, limit=cfg.limit, seed=cfg.seed, batch_size=cfg.nll_batch_size)
         metrics.update(nll)
         sem = "" if nll["nll_sem"] is None else f" +- {nll['nll_sem']:.2f}"
         print(

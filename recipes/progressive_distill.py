@@ -6,20 +6,14 @@ Round r distils a 2N-step teacher into an N-step student, N = teacher_steps / 2^
 r is the teacher of round r + 1 and starts from its weights. All rounds run in ONE compiled training step (N
 and the round are traced; see sde_mol/objectives/progressive.py).
 
-Usage:
-    python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --rounds 6 \
-        --teacher-steps 256 --out-dir runs/pd_edm                       # 256 -> 128 -> ... -> 4 steps
-    python recipes/sample.py --checkpoint runs/pd_edm/student_4steps.eqx --sampler.sampler ddim --sampler.steps 4
-    python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --sampler ddpm --target ddpm \
-        --out-dir runs/pd_ddpm              # stochastic teacher; sample with --sampler.eta 1.0
+Usage (checkpoints/student_pd.md: the shipped students and their run):
+    python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_finetuned.eqx --continuous-time \
+        --teacher-steps 256 --rounds 6 --steps-per-round 400 --eval-samples 500 --out-dir runs/pd_qm9  # 256 -> 4
+    python recipes/progressive_distill.py --out-dir runs/pd_qm9 --resume runs/pd_qm9/last.eqx  # + the same flags
+    python recipes/sample.py --checkpoint runs/pd_qm9/student_4steps.eqx          # DDIM at its own 4 steps
     python recipes/progressive_distill.py --teacher runs/ldm_qm9/last.eqx --out-dir runs/pd_latent
-    python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --continuous-time \
-        --teacher-steps 1024 --rounds 7 --out-dir runs/pd_1024    # 1024 -> 512 -> ... -> 8 steps
     python recipes/progressive_distill.py --teacher oracle:16 --teacher-steps 16 --rounds 2 \
         --steps-per-round 200 --spec.model.hidden 16 --spec.model.n-layers 2 --out-dir runs/pd_oracle
-    python recipes/progressive_distill.py --teacher checkpoints/edm_qm9_small.eqx --out-dir runs/pd_edm \
-        --resume runs/pd_edm/last.eqx
-    python recipes/progressive_distill.py --dry-run
 
 Writes config.json, metrics.jsonl, last.eqx (the training state, for --resume), student_<N>steps.eqx after
 each round (a "denoiser", or for latent teachers a "latent_denoiser" embedding the autoencoder; the header
@@ -31,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import optax
 import tyro
 
 from sde_mol import cli
@@ -95,14 +88,6 @@ class Config:
     dry_run: bool = False
 
 
-def build_optimizer(cfg: Config) -> optax.GradientTransformation:
-    base = optimizer_from(cfg.optim)
-    if not cfg.lr_decay:
-        return base
-    s = cfg.steps_per_round
-    return optax.chain(base, optax.scale_by_schedule(lambda count: 1.0 - (count % s) / s))
-
-
 def main(cfg: Config) -> list[dict]:
     schedule = HalvingSchedule(cfg.teacher_steps, cfg.steps_per_round, cfg.rounds)  # validates the grid
     full = rr.start(cfg)
@@ -120,18 +105,13 @@ def main(cfg: Config) -> list[dict]:
         student, spec, autoencoder, extra = rr.checkpoint_teacher(
             Path(cfg.teacher), continuous_time=cfg.continuous_time, latent_ok=True
         )
-    sde = student.sde
-    if sde.time_resolution is not None and cfg.teacher_steps > sde.time_resolution:
-        raise ValueError(
-            f"--teacher-steps {cfg.teacher_steps}: finer than the teacher's discrete schedule of {sde.time_resolution} "
-            "steps (its grid nodes would repeat); add --continuous-time to distil on its continuous twin"
-        )
+    sde = rp.check_resolution(student.sde, cfg.teacher_steps)
     objective = ProgressiveDistillation(
         sde, schedule, oracle, teacher_eta=rp.ETA[cfg.sampler], student_eta=rp.ETA[cfg.target]
     )
     if autoencoder is not None:
         objective = LatentObjective(objective, autoencoder)
-    optimizer = build_optimizer(cfg)
+    optimizer = rp.halving_optimizer(optimizer_from(cfg.optim), cfg.steps_per_round if cfg.lr_decay else None)
     distillation = {"teacher": cfg.teacher, "teacher_sampler": cfg.sampler, "target": cfg.target}
     hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full, "distillation": distillation}
     teacher_kw = dict(first_teacher=None if n is not None else Path(cfg.teacher),

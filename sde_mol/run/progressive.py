@@ -12,8 +12,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import optax
+
 from .. import checkpoint, metrics
 from ..denoisers import AbstractDenoiser
+from ..sde import AbstractSDE
 from .configs import ModelSpec, SamplerConfig, to_dict
 from .recipe import checkpoint_teacher, score_sampler
 
@@ -21,6 +24,25 @@ ETA = {"ddim": 0.0, "ddpm": 1.0}
 """The DDIM eta of each step kind: deterministic DDIM (Salimans & Ho) or the stochastic DDPM step."""
 
 StepKind = Literal["ddim", "ddpm"]
+
+
+def halving_optimizer(base: optax.GradientTransformation, steps_per_round: int | None) -> optax.GradientTransformation:
+    """`base` with its learning rate decayed linearly to 0 within each halving of `steps_per_round` steps
+    (Salimans & Ho); None: `base` unchanged."""
+    if steps_per_round is None:
+        return base
+    s = steps_per_round
+    return optax.chain(base, optax.scale_by_schedule(lambda count: 1.0 - (count % s) / s))
+
+
+def check_resolution(sde: AbstractSDE, teacher_steps: int) -> AbstractSDE:
+    """`sde`, if a grid of `teacher_steps` steps is resolvable on it (a discrete table resolves at most its T)."""
+    if sde.time_resolution is not None and teacher_steps > sde.time_resolution:
+        raise ValueError(
+            f"--teacher-steps {teacher_steps}: finer than the teacher's discrete schedule of {sde.time_resolution} "
+            "steps (its grid nodes would repeat); add --continuous-time to distil on its continuous twin"
+        )
+    return sde
 
 
 def student_sampler(n_steps: int, target: StepKind) -> SamplerConfig:

@@ -227,6 +227,32 @@ def score_sampler(
     return score_samples(fn, info, n, seed=seed)
 
 
+def split_nll(path: Path, split: str, *, limit: int | None, seed: int, batch_size: int) -> dict:
+    """A checkpoint's mean NLL (EDM's one-draw variational bound, nats per molecule) on the first `limit`
+    molecules of a QM9 split (all: None), with its standard error over molecules."""
+    denoiser, spec, header = load_denoiser(path)
+    info = dataset_info(spec.dataset)
+    data = load_qm9(split)
+    n = len(data) if limit is None else min(limit, len(data))
+    pos, feat, mask = encode_split(data.subset(slice(0, n)), info)
+    t0 = time.perf_counter()
+    try:
+        nll = dataset_nll(
+            denoiser, pos, feat, mask, info, key=jr.PRNGKey(seed), batch_size=batch_size, timesteps=spec.sde.timesteps
+        )
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{path}: {e}") from None
+    return {
+        "nll": float(nll.mean()),
+        "nll_sem": float(nll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+        "nll_split": f"{spec.dataset}/{split}",
+        "nll_molecules": int(n),
+        "nll_seconds": time.perf_counter() - t0,
+        "checkpoint": str(path),
+        "checkpoint_step": header.get("step"),
+    }
+
+
 def diffusion_evaluator(cfg: EvalConfig, info: DatasetInfo, *, seed: int) -> Callable[[TrainState], dict] | None:
     """`evaluate(state)` of a diffusion training run, on its EMA model: the VLB (EDM's one-draw estimator) of
     `cfg.n_valid` validation molecules, the eps MSE at each of `cfg.levels` (fixed noise: paired across
