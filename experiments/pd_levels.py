@@ -29,7 +29,7 @@ import tyro
 
 from sde_mol.data.loader import encode_split
 from sde_mol.data.qm9 import load_qm9
-from sde_mol.molecule import Molecule, com_free_normal, project, state_dim
+from sde_mol.molecule import Molecule, com_free_normal, project, squared_error, state_dim
 from sde_mol.objectives.progressive import (
     HalvingSchedule,
     ProgressiveDistillation,
@@ -72,11 +72,6 @@ def main(cfg: Config) -> dict:
     etas = {"teacher_eta": ETA[dist["teacher_sampler"]], "student_eta": ETA[dist["target"]]}
     pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas)
 
-    def sq(a, b, m):  # squared error over the real atoms' positions and features
-        return jnp.sum(jnp.where(m[:, None], (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
-            jnp.where(m[:, None], (a.features - b.features) ** 2, 0.0)
-        )
-
     def one(x, m, t, t_mid, t_end, key):
         k_eps, k_teacher = jr.split(key)
         alpha, sigma = sde.marginal(t)
@@ -86,7 +81,17 @@ def main(cfg: Config) -> dict:
         x_s, x_t = student(t, z, m), teacher(t, z, m)
         dim = state_dim(m, info.n_feat)
         w = truncated_snr_weight(sde, t)
-        return jnp.stack([w * sq(x_s, target, m), sq(x_s, x, m), sq(x_t, x, m), sq(target, x, m)]) / dim
+        return (
+            jnp.stack(
+                [
+                    w * squared_error(x_s, target, m),
+                    squared_error(x_s, x, m),
+                    squared_error(x_t, x, m),
+                    squared_error(target, x, m),
+                ]
+            )
+            / dim
+        )
 
     @eqx.filter_jit
     def chunk_sums(x, m, t, t_mid, t_end, key):

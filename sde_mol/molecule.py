@@ -124,6 +124,14 @@ def normal_log_prob(mol: Molecule, mask: NodeMask, scale: Scalar = 1.0) -> Float
     return lp_x + lp_h
 
 
+def squared_error(a: Molecule, b: Molecule, mask: NodeMask) -> Float[Array, ""]:
+    """||a - b||^2 over the real atoms' positions and features (padding ignored, whatever it holds)."""
+    m = mask[:, None]
+    return jnp.sum(jnp.where(m, (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
+        jnp.where(m, (a.features - b.features) ** 2, 0.0)
+    )
+
+
 def state_dim(mask: NodeMask, n_feat: int) -> Float[Array, ""]:
     """Dimension of the state space: (M-1)*3 + M*n_feat."""
     return com_dof(mask) + n_real(mask) * n_feat

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float
 
 from ..data.qm9 import DatasetInfo
 from ..likelihood import kl_prior, log_p_xh_given_z0
-from ..molecule import Molecule, com_free_normal, n_real, project
+from ..molecule import Molecule, com_free_normal, n_real, project, squared_error
 from ..sde import require_unit_interval
 from ..typing import HasSigmaData, IntScalar, Key, NodeMask, Scalar
 from .base import AbstractObjective
@@ -40,13 +40,6 @@ def _with_frozen_sde(model):
     return eqx.tree_at(lambda m: m.sde, model, _frozen(model.sde))
 
 
-def _sq_err(a: Molecule, b: Molecule, mask: NodeMask) -> Float[Array, ""]:
-    m = mask[:, None]
-    return jnp.sum(jnp.where(m, (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
-        jnp.where(m, (a.features - b.features) ** 2, 0.0)
-    )
-
-
 def eps_error(
     model, x: Molecule, mask: NodeMask, t: Scalar, eps: Molecule
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -56,7 +49,7 @@ def eps_error(
     for two models, a paired, low-variance comparison (unlike a one-draw VLB estimate)."""
     alpha, sigma = model.sde.marginal(t)
     eps_hat = model.eps(t, project(alpha * x + sigma * eps, mask), mask)
-    return _sq_err(eps, eps_hat, mask), jnp.sum(mask) * (3.0 + x.n_feat)
+    return squared_error(eps, eps_hat, mask), jnp.sum(mask) * (3.0 + x.n_feat)
 
 
 class EDMEpsLoss(AbstractObjective):
@@ -78,7 +71,7 @@ class EDMEpsLoss(AbstractObjective):
         z_t = project(alpha_t * x + sigma_t * eps, mask)
         eps_hat = model.eps(t, z_t, mask)
         norm = float((3 + x.n_feat) * n_pad)
-        error = _sq_err(eps, eps_hat, mask) / norm
+        error = squared_error(eps, eps_hat, mask) / norm
         gamma_t = sde.gamma(t)
         term_0 = -log_p_xh_given_z0(x, z_t, eps, eps_hat, mask, gamma_t, self.info, x_error_norm=norm)
         t_term = jnp.where(t_int == 0, term_0, 0.5 * error)
@@ -124,7 +117,7 @@ class KarrasLoss(AbstractObjective):
         sd = model.sigma_data
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         dim = (n_real(mask) - 1.0) * 3.0 + n_real(mask) * mol.n_feat
-        loss = weight * _sq_err(x0_hat, mol, mask) / dim
+        loss = weight * squared_error(x0_hat, mol, mask) / dim
         return loss, {"sigma": sigma}
 
 
@@ -148,9 +141,9 @@ class ContinuousDenoisingLoss(AbstractObjective):
         x0_hat = model(t, z, mask)
         dim = (n_real(mask) - 1.0) * 3.0 + n_real(mask) * mol.n_feat
         if self.target == "x0":
-            err = _sq_err(x0_hat, mol, mask)
+            err = squared_error(x0_hat, mol, mask)
         elif self.target == "eps":
-            err = _sq_err(x0_hat, mol, mask) * (alpha_t / sigma_t) ** 2  # ||eps_hat - eps||^2
+            err = squared_error(x0_hat, mol, mask) * (alpha_t / sigma_t) ** 2  # ||eps_hat - eps||^2
         else:
-            err = _sq_err(x0_hat, mol, mask) * (alpha_t**2 + sigma_t**2) ** 2 / sigma_t**2  # ||v_hat - v||^2
+            err = squared_error(x0_hat, mol, mask) * (alpha_t**2 + sigma_t**2) ** 2 / sigma_t**2  # ||v_hat - v||^2
         return err / dim, {"t": t}

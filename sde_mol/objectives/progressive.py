@@ -55,7 +55,7 @@ import jax.random as jr
 from jaxtyping import Array, Int
 
 from ..denoisers import AbstractDenoiser
-from ..molecule import Molecule, com_free_normal, project, state_dim
+from ..molecule import Molecule, com_free_normal, project, squared_error, state_dim
 from ..samplers import ddim_step
 from ..sde import AbstractSDE
 from ..typing import IntScalar, Key, NodeMask, Real, Scalar
@@ -132,13 +132,6 @@ def truncated_snr_weight(sde: AbstractSDE, t: Scalar) -> Real:
     return jnp.maximum(jnp.exp(sde.logsnr(t)), 1.0)
 
 
-def _sq_err(a: Molecule, b: Molecule, mask: NodeMask) -> Real:
-    m = mask[:, None]
-    return jnp.sum(jnp.where(m, (a.positions - b.positions) ** 2, 0.0)) + jnp.sum(
-        jnp.where(m, (a.features - b.features) ** 2, 0.0)
-    )
-
-
 # --- the objective -----------------------------------------------------------------------------------------
 
 
@@ -208,5 +201,5 @@ class ProgressiveDistillation(AbstractObjective):
         x_target = jax.lax.stop_gradient(ddim_target(self.sde, t, t_end, z_t, z_end, self.student_eta))
         x_hat = model(t, z_t, mask)
         weight = truncated_snr_weight(self.sde, t)
-        loss = weight * _sq_err(x_hat, x_target, mask) / state_dim(mask, mol.n_feat)
+        loss = weight * squared_error(x_hat, x_target, mask) / state_dim(mask, mol.n_feat)
         return loss, {"student_steps": nf, "t": t}

@@ -31,8 +31,7 @@ def halving_optimizer(base: optax.GradientTransformation, steps_per_round: int |
     (Salimans & Ho); None: `base` unchanged."""
     if steps_per_round is None:
         return base
-    s = steps_per_round
-    return optax.chain(base, optax.scale_by_schedule(lambda count: 1.0 - (count % s) / s))
+    return optax.chain(base, optax.scale_by_schedule(lambda k: 1.0 - (k % steps_per_round) / steps_per_round))
 
 
 def check_resolution(sde: AbstractSDE, teacher_steps: int) -> AbstractSDE:
@@ -50,9 +49,7 @@ def student_sampler(n_steps: int, target: StepKind) -> SamplerConfig:
     return SamplerConfig("ddim", steps=n_steps, eta=ETA[target])
 
 
-def save_student(
-    path: Path, den: AbstractDenoiser, autoencoder, *, config: dict, step: int
-) -> None:  # fmt: skip
+def save_student(path: Path, den: AbstractDenoiser, autoencoder, *, config: dict, step: int) -> None:
     """A student file: kind "denoiser", or "latent_denoiser" embedding the latent teacher's autoencoder."""
     if autoencoder is None:
         checkpoint.save(path, den, kind="denoiser", config=config, step=step)
@@ -114,8 +111,8 @@ def finish_round(
     append the row to students.json and return it. `teacher_kw`: `teacher_probe`'s keyword arguments."""
     sampler = student_sampler(n_steps, target)
     path = out_dir / f"student_{n_steps}steps.eqx"
-    header = dict(header, distillation=dict(header.get("distillation", {}), student_steps=n_steps, round=round_index,
-                                            sampler=to_dict(sampler)))  # fmt: skip
+    per_round = {"student_steps": n_steps, "round": round_index, "sampler": to_dict(sampler)}
+    header = dict(header, distillation={**header.get("distillation", {}), **per_round})
     save_student(path, den, autoencoder, config=header, step=step)
     row = {"round": round_index, "student_steps": n_steps, "checkpoint": str(path), "step": step}
     if probe:

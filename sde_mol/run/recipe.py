@@ -227,6 +227,11 @@ def score_sampler(
     return score_samples(fn, info, n, seed=seed)
 
 
+def nll_steps(denoiser: AbstractDenoiser) -> int:
+    """The T of EDM's bound for a model: its own discrete table's, or EDM's 1000 for a continuous SDE."""
+    return denoiser.sde.time_resolution or 1000
+
+
 def split_nll(path: Path, split: str, *, limit: int | None, seed: int, batch_size: int) -> dict:
     """A checkpoint's mean NLL (EDM's one-draw variational bound, nats per molecule) on the first `limit`
     molecules of a QM9 split (all: None), with its standard error over molecules."""
@@ -238,7 +243,7 @@ def split_nll(path: Path, split: str, *, limit: int | None, seed: int, batch_siz
     t0 = time.perf_counter()
     try:
         nll = dataset_nll(
-            denoiser, pos, feat, mask, info, key=jr.PRNGKey(seed), batch_size=batch_size, timesteps=spec.sde.timesteps
+            denoiser, pos, feat, mask, info, key=jr.PRNGKey(seed), batch_size=batch_size, timesteps=nll_steps(denoiser)
         )
     except FloatingPointError as e:
         raise FloatingPointError(f"{path}: {e}") from None
@@ -276,8 +281,9 @@ def diffusion_evaluator(cfg: EvalConfig, info: DatasetInfo, *, seed: int) -> Cal
     def evaluate(state: TrainState) -> dict:
         t0, den, out = time.perf_counter(), state.ema_model, {}
         if cfg.n_valid:
-            steps = den.sde.time_resolution or 1000  # the model's own T; EDM's 1000 for a continuous SDE
-            nll = dataset_nll(den, pos, feat, mask, info, key=jr.PRNGKey(seed + 1), batch_size=100, timesteps=steps)
+            nll = dataset_nll(
+                den, pos, feat, mask, info, key=jr.PRNGKey(seed + 1), batch_size=100, timesteps=nll_steps(den)
+            )
             # one draw of t and noise per molecule (EDM's estimator) is heavy-tailed: its standard error goes
             # beside it (experiments/NOTES.md, "Fine-tuning the imported EDM model")
             out["val_nll"] = float(np.mean(nll))
