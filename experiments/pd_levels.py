@@ -34,7 +34,6 @@ from sde_mol.objectives.progressive import (
     HalvingSchedule,
     ProgressiveDistillation,
     ddim_target,
-    truncated_snr_weight,
 )
 from sde_mol.run.build import continuous_teacher, dataset_info
 from sde_mol.run.load import load_denoiser
@@ -70,7 +69,8 @@ def main(cfg: Config) -> dict:
     pos, feat, mask = encode_split(load_qm9("valid").subset(slice(0, cfg.n_valid)), info)
     sde = student.sde
     etas = {"teacher_eta": ETA[dist["teacher_sampler"]], "student_eta": ETA[dist["target"]]}
-    pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas)
+    weighting = {"eps_below_snr": dist.get("eps_below_snr", 0.0)}  # 0: students of runs before the option
+    pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas, **weighting)
 
     def one(x, m, t, t_mid, t_end, key):
         k_eps, k_teacher = jr.split(key)
@@ -80,7 +80,7 @@ def main(cfg: Config) -> dict:
         target = ddim_target(sde, t, t_end, z, z_end, pd.student_eta)
         x_s, x_t = student(t, z, m), teacher(t, z, m)
         dim = state_dim(m, info.n_feat)
-        w = truncated_snr_weight(sde, t)
+        w = pd.weight(t)
         return (
             jnp.stack(
                 [

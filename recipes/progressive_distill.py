@@ -56,6 +56,9 @@ class Config:
     target: Literal["ddim", "ddpm"] = "ddim"
     """the student step the target is solved for: ddim (a deterministic student; with --sampler ddpm this is
     Lacombe & Vaidya's 'as if deterministic'), or ddpm (an ancestral student: sample it with --sampler.eta 1)"""
+    eps_below_snr: float = 0.0
+    """below this SNR the loss is the eps error (e.g. 0.01: the draws at t ~ 1 of EDM's schedule, where an eps
+    student's x0 error is ~316 x its eps error); 0 = Salimans & Ho's truncated-SNR weight everywhere"""
     continuous_time: bool = False
     """run the teacher (and so its student copies) on the continuous twin of a discrete schedule (EDM's
     vp_discrete -> vp_polynomial, `run.build.continuous_teacher`): any --teacher-steps then works, e.g. 1024 -> 8
@@ -71,9 +74,8 @@ class Config:
     spec: ModelSpec = field(
         default_factory=lambda: ModelSpec(ModelConfig(hidden=64, n_layers=4), denoiser=DenoiserConfig("karras", 1.0))
     )
-    """the student of an oracle teacher (a checkpoint's student is a copy of the teacher). Karras
-    preconditioning by default: an eps student's x0 = (z - sigma eps) / alpha amplifies its errors by 1 / alpha
-    (~316 at t = 1 for EDM's schedule), which Salimans & Ho report as unusable for few-step students"""
+    """the student of an oracle teacher (a checkpoint's student is a copy of the teacher); Karras preconditioning
+    by default: an eps student's x0 amplifies its errors by 1 / alpha (~316 at t = 1 for EDM's schedule)"""
     oracle_atoms: int = 12
     """oracle:<n> takes molecules of this size (one node mask)"""
     oracle_rotations: int = 8
@@ -107,16 +109,17 @@ def main(cfg: Config) -> list[dict]:
         )
     sde = rp.check_resolution(student.sde, cfg.teacher_steps)
     objective = ProgressiveDistillation(
-        sde, schedule, oracle, teacher_eta=rp.ETA[cfg.sampler], student_eta=rp.ETA[cfg.target]
+        sde, schedule, oracle, rp.ETA[cfg.sampler], rp.ETA[cfg.target], cfg.eps_below_snr
     )
     if autoencoder is not None:
         objective = LatentObjective(objective, autoencoder)
     optimizer = rp.halving_optimizer(optimizer_from(cfg.optim), cfg.steps_per_round if cfg.lr_decay else None)
     distillation = {"teacher": cfg.teacher, "teacher_sampler": cfg.sampler, "target": cfg.target}
+    distillation["eps_below_snr"] = cfg.eps_below_snr
     hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full, "distillation": distillation}
     teacher_kw = dict(first_teacher=None if n is not None else Path(cfg.teacher),
                       continuous_time=cfg.continuous_time, teacher_step=cfg.sampler)  # fmt: skip
-    keys = ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time")
+    keys = tuple("teacher rounds teacher_steps steps_per_round sampler target continuous_time eps_below_snr".split())
     state = rr.initial_state(
         student, optimizer, with_target=True, resume=cfg.resume, full=full, keys=keys, kind="progressive_train_state"
     )

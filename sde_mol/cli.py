@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from .checkpoint import CheckpointError
 from .data.qm9 import QM9FormatError
+from .host_memory import keep_freed_memory
 from .io import MoleculeFileError
 from .nn.torch_format import TorchFormatError
 
@@ -200,7 +201,10 @@ def _one_line(error: BaseException) -> str:
 
 
 def run(main: Callable[[C], Any], parse: Callable[[], C]) -> Any:
-    """Parse, check, run; a user error becomes `error: <one line>` on stderr and exit status 2."""
+    """Parse, check, run; a user error becomes `error: <one line>` on stderr and exit status 2. First of all,
+    before JAX starts its backend, `host_memory.keep_freed_memory()` (XLA's CPU buffers are reused instead of
+    faulted in again on every call)."""
+    keep_freed_memory()
     try:
         cfg = parse()
         check_config(cfg)

@@ -169,6 +169,29 @@ def test_one_compilation_serves_every_round():
     assert step.num_traces() == 1
 
 
+def test_eps_taper_of_the_weight_only_below_its_snr():
+    """`eps_below_snr` = s0: Salimans & Ho's max(SNR, 1) where SNR >= s0; below it SNR / s0, so the loss is the
+    eps error / s0 (x0 error = eps error / sqrt(SNR) for an eps student); continuous at s0; 0 = no taper."""
+    sde, s0 = PolynomialVPSDE(), 0.01
+    t = jnp.linspace(0.0, 1.0, 401)
+    snr = np.exp(np.asarray(jax.vmap(sde.logsnr)(t), np.float64))
+    plain = ProgressiveDistillation(sde, HalvingSchedule(8, 1, 1))
+    tapered = ProgressiveDistillation(sde, HalvingSchedule(8, 1, 1), eps_below_snr=s0)
+    w_plain = np.asarray(jax.vmap(plain.weight)(t))
+    w_tapered = np.asarray(jax.vmap(tapered.weight)(t))
+    np.testing.assert_allclose(w_plain, np.maximum(snr, 1.0), rtol=1e-5)
+    low = snr < s0
+    assert 0 < low.sum() < 40  # only the top of EDM's schedule (t ~ 0.95-1)
+    np.testing.assert_allclose(w_tapered[~low], w_plain[~low], rtol=1e-6)
+    np.testing.assert_allclose(w_tapered[low], snr[low] / s0, rtol=1e-4)
+    assert w_tapered[-1] < 2e-3  # t = 1: SNR = 1e-5
+    # an eps error e at t = 1 costs e^2 / s0 under the taper, e^2 / SNR (~1e5 x more) without it
+    alpha, sigma = sde.marginal(1.0)
+    assert float(tapered.weight(1.0) * (sigma / alpha) ** 2) == pytest.approx(1 / s0, rel=1e-3)
+    with pytest.raises(ValueError, match="eps_below_snr"):
+        ProgressiveDistillation(sde, HalvingSchedule(8, 1, 1), eps_below_snr=-1.0)
+
+
 def test_missing_teacher_is_a_clear_error():
     objective = ProgressiveDistillation(SDE, HalvingSchedule(8, 1, 1))
     x = jax.tree.map(lambda a: a[0], DATA)

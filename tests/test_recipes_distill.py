@@ -83,9 +83,10 @@ def test_progressive_distill_oracle_teacher(tmp_path):
 
 
 def test_progressive_distill_real_checkpoint(tiny_teacher, tmp_path):
-    """A checkpoint teacher: the student starts as a copy of it (same structure, header spec) and moves."""
+    """A checkpoint teacher: the student starts as a copy of it (same structure, header spec) and moves; the
+    student's header records the loss weighting (--eps-below-snr)."""
     pd = _recipe("progressive_distill")
-    rows = pd.main(_pd_config(pd, tiny_teacher, tmp_path, rounds=1, teacher_steps=4))
+    rows = pd.main(_pd_config(pd, tiny_teacher, tmp_path, rounds=1, teacher_steps=4, eps_below_snr=0.01))
     assert [r["student_steps"] for r in rows] == [2]
     teacher, teacher_spec, _ = load_denoiser(tiny_teacher)
     student, spec, header = load_denoiser(tmp_path / "student_2steps.eqx")
@@ -93,6 +94,7 @@ def test_progressive_distill_real_checkpoint(tiny_teacher, tmp_path):
         spec == teacher_spec
         and header["step"] == 2
         and header["config"]["distillation"]["teacher"] == str(tiny_teacher)
+        and header["config"]["distillation"]["eps_below_snr"] == 0.01
     )
     assert student.net.embedding.weight.shape == teacher.net.embedding.weight.shape
     assert not np.array_equal(student.net.embedding.weight, teacher.net.embedding.weight)
@@ -266,3 +268,14 @@ def test_nfe_table_and_pd_levels_on_a_tiny_run(tiny_teacher, tmp_path):
     report = levels.main(levels.Config(student=student, teacher=tiny_teacher, continuous_time=True, n_valid=4))
     assert [r["t"] for r in report["levels"]] == [1.0, 0.5] and report["student_steps"] == 2
     assert all(np.isfinite(r[k]) for r in report["levels"] for k in ("distill", "student_x0", "target_x0"))
+    # experiments/first_step.py: the student and the teacher, each plain and with its first interval done by
+    # 4 teacher substeps (NFE: N + 1, then 4 + (N - 1) + 1)
+    first = load_script(ROOT / "experiments" / "first_step.py", "first_step")
+    rows = first.main(
+        first.Config(models=(str(student), "teacher"), teacher_steps=(2,), teacher=tiny_teacher, top_substeps=4,
+                     n_samples=3)
+    )  # fmt: skip
+    assert [(r["model"] == "teacher", r["steps"], r["top_substeps"]) for r in rows] == [
+        (False, 2, 0), (False, 2, 4), (True, 2, 0), (True, 2, 4)
+    ]  # fmt: skip
+    assert [r["nfe"] for r in rows] == [3, 6, 3, 6] and all(0 <= r["atom_stability"] <= 1 for r in rows)

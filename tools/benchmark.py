@@ -68,6 +68,7 @@ import tyro
 from sde_mol import samplers
 from sde_mol.data.loader import BatchIterator
 from sde_mol.data.qm9 import QM9_BUCKETS, load_qm9
+from sde_mol.host_memory import keep_freed_memory
 from sde_mol.molecule import Molecule
 from sde_mol.objectives.denoising import EDMEpsLoss
 from sde_mol.run.build import build_denoiser, dataset_info, optimizer_from
@@ -123,6 +124,9 @@ class Config:
     """bf16: network compute in bfloat16 with float32 master weights (meant for GPUs; slow on most CPUs)"""
     donate: bool = True
     """donate the train state to the step (in-place update)"""
+    keep_freed_memory: bool = True
+    """as the recipes run (`sde_mol.host_memory`): XLA's CPU buffers reused, not faulted in on every call;
+    --no-keep-freed-memory measures glibc's defaults (main_job: passes SDE_MOL_KEEP_FREED_MEMORY=off)"""
     main_job_molecules: int = 50
     """main_job: molecules per run of recipes/sample.py (EDM's ancestral sampler, 200 steps, one batch)"""
     reference_sample_mol_per_s: float | None = None
@@ -397,6 +401,8 @@ def bench_main_job(name: str, spec: ModelSpec, cfg: Config) -> dict:
             cmd += ["--checkpoint", str(ckpt), "--sampler.sampler", "ancestral", "--sampler.steps", "200"]
             cmd += ["--n-samples", str(n), "--batch-size", str(n), "--no-novelty", "--quiet", "--out-dir", str(out)]
             env = dict(os.environ, SDE_MOL_COMPILE_CACHE=str(Path(tmp) / "xla"))
+            if not cfg.keep_freed_memory:
+                env["SDE_MOL_KEEP_FREED_MEMORY"] = "off"
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             wall = time.perf_counter() - t0
@@ -496,6 +502,7 @@ def table(results: dict) -> str:
 
 
 def main(cfg: Config) -> dict:
+    kept = keep_freed_memory() if cfg.keep_freed_memory else False  # before JAX starts its backend
     r = resolve(cfg)
     log = CompileLog()
     dev = jax.local_devices()[0]
@@ -507,6 +514,7 @@ def main(cfg: Config) -> dict:
         "jax": jax.__version__,
         "python": sys.version.split()[0],
         "loadavg_start": os.getloadavg(),
+        "keep_freed_memory": kept,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "resolved": {k: v for k, v in r.items() if k != "compute_dtype"},

@@ -12,7 +12,7 @@ one molecule x with mask (`ProgressiveDistillation.loss_one`):
     z_t'  = teacher step t -> t'    from z_t     `samplers.ddim_step`, eta = 0 (DDIM) or eta = 1 (DDPM)
     z_t'' = teacher step t' -> t''  from z_t'
     x~    = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
-    loss  = max(alpha_t^2 / sigma_t^2, 1) ||x_hat_student(t, z_t) - x~||^2 / dim
+    loss  = w(t) ||x_hat_student(t, z_t) - x~||^2 / dim,   w = max(alpha_t^2 / sigma_t^2, 1)
 
 x~ is the x0 estimate for which one deterministic DDIM step t -> t'' from z_t lands exactly on z_t''
 (`ddim_target`), so a perfect student reproduces its teacher's two steps in one. The weight is Salimans &
@@ -127,9 +127,20 @@ def ddim_target(sde: AbstractSDE, t: Scalar, s: Scalar, z_t: Molecule, z_s: Mole
     return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
 
 
-def truncated_snr_weight(sde: AbstractSDE, t: Scalar) -> Real:
-    """Salimans & Ho's truncated-SNR weight max(alpha^2 / sigma^2, 1) of an x0 error."""
-    return jnp.maximum(jnp.exp(sde.logsnr(t)), 1.0)
+def truncated_snr_weight(sde: AbstractSDE, t: Scalar, eps_below_snr: float = 0.0) -> Real:
+    """Salimans & Ho's truncated-SNR weight max(SNR, 1) of an x0 error, SNR = alpha^2 / sigma^2; with
+    `eps_below_snr` = s0 > 0 it is tapered to SNR / s0 where SNR < s0, i.e. there the loss is the eps error
+    ||eps - eps_hat||^2 / s0 (continuous at s0).
+
+    Why the taper: an eps student's x0 = (z - sigma eps_hat) / alpha moves 1 / sqrt(SNR) times as far as its
+    eps (~316 at t = 1 for EDM's schedule), so near SNR = 0 an x0-space loss is the eps error blown up by
+    1 / SNR. Measured on the QM9 teacher (checkpoints/student_pd.md): the draws at t = 1 had losses of 26-35
+    against 0.003-0.025 everywhere else, so they set the direction of every clipped update."""
+    snr = jnp.exp(sde.logsnr(t))
+    weight = jnp.maximum(snr, 1.0)
+    if eps_below_snr > 0.0:
+        weight = weight * jnp.minimum(snr / eps_below_snr, 1.0)
+    return weight
 
 
 # --- the objective -----------------------------------------------------------------------------------------
@@ -145,6 +156,8 @@ class ProgressiveDistillation(AbstractObjective):
     * `teacher_eta`: 0 = deterministic DDIM teacher, 1 = stochastic DDPM (ancestral) teacher.
     * `student_eta`: the DDIM eta of the student step the target is solved for, and to sample the student
       with: 0 = deterministic (Salimans & Ho; Lacombe & Vaidya's reading for a DDPM teacher), 1 = ancestral.
+    * `eps_below_snr`: 0 = Salimans & Ho's truncated-SNR weight; s0 > 0 = the same, tapered to an eps-space
+      loss where SNR < s0 (`truncated_snr_weight`), for eps-parametrised students.
     """
 
     sde: AbstractSDE
@@ -152,12 +165,19 @@ class ProgressiveDistillation(AbstractObjective):
     teacher: AbstractDenoiser | None = None
     teacher_eta: float = eqx.field(static=True, default=0.0)
     student_eta: float = eqx.field(static=True, default=0.0)
+    eps_below_snr: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
         for name in ("teacher_eta", "student_eta"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ProgressiveDistillation.{name} must be in [0, 1], got {value}")
+        if not self.eps_below_snr >= 0.0:
+            raise ValueError(f"ProgressiveDistillation.eps_below_snr must be >= 0, got {self.eps_below_snr}")
+
+    def weight(self, t: Scalar) -> Real:
+        """The loss weight of an x0 error at time t (`truncated_snr_weight`)."""
+        return truncated_snr_weight(self.sde, t, self.eps_below_snr)
 
     def teacher_endpoint(
         self, teacher: AbstractDenoiser, t: Scalar, t_mid: Scalar, t_end: Scalar, z_t: Molecule, mask, *, key: Key
@@ -200,6 +220,6 @@ class ProgressiveDistillation(AbstractObjective):
         z_end = self._endpoint(step, target, t, t_mid, t_end, z_t, mask, k_teacher)
         x_target = jax.lax.stop_gradient(ddim_target(self.sde, t, t_end, z_t, z_end, self.student_eta))
         x_hat = model(t, z_t, mask)
-        weight = truncated_snr_weight(self.sde, t)
+        weight = self.weight(t)
         loss = weight * squared_error(x_hat, x_target, mask) / state_dim(mask, mol.n_feat)
         return loss, {"student_steps": nf, "t": t}
