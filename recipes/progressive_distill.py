@@ -107,10 +107,8 @@ def main(cfg: Config) -> list[dict]:
         student, spec, autoencoder, extra = rr.checkpoint_teacher(
             Path(cfg.teacher), continuous_time=cfg.continuous_time, latent_ok=True
         )
-    sde = rp.check_resolution(student.sde, cfg.teacher_steps)
-    objective = ProgressiveDistillation(
-        sde, schedule, oracle, rp.ETA[cfg.sampler], rp.ETA[cfg.target], cfg.eps_below_snr
-    )
+    sde, etas = rp.check_resolution(student.sde, cfg.teacher_steps), (rp.ETA[cfg.sampler], rp.ETA[cfg.target])
+    objective = ProgressiveDistillation(sde, schedule, oracle, *etas, cfg.eps_below_snr)
     if autoencoder is not None:
         objective = LatentObjective(objective, autoencoder)
     optimizer = rp.halving_optimizer(optimizer_from(cfg.optim), cfg.steps_per_round if cfg.lr_decay else None)
