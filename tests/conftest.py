@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import numpy as np
@@ -6,6 +7,20 @@ import pytest
 DATA = os.path.join(os.path.dirname(__file__), "data")
 # tests compile from scratch and leave no persistent compilation cache behind (test_compile_cache sets its own)
 os.environ["SDE_MOL_COMPILE_CACHE"] = "off"
+
+
+def _keep_freed_memory() -> None:
+    """The recipes' allocator settings (sde_mol/host_memory.py) in every test process, before JAX starts. The
+    module is loaded by its path: importing the sde_mol package here would import it before jaxtyping's
+    import hook (--jaxtyping-packages) is in place, and its functions would go unchecked."""
+    path = os.path.join(os.path.dirname(__file__), "..", "sde_mol", "host_memory.py")
+    spec = importlib.util.spec_from_file_location("_sde_mol_host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.keep_freed_memory()
+
+
+_keep_freed_memory()
 
 
 @pytest.fixture(autouse=True, scope="module")
