@@ -4,7 +4,10 @@ same validation molecules and noise for every model (a paired comparison),
   target x~ (what training minimised; with a stochastic teacher it includes the target's own variance),
 * `student_x0` / `teacher_x0`: the x0 error per state dimension of the student's estimate and of the
   teacher's one-evaluation estimate against the data, unweighted,
-* `target_x0`: the same for the two-step target x~ (the teacher's two steps, read as one step's x0).
+* `target_x0`: the same for the two-step target x~ (the teacher's two steps, read as one step's x0),
+* `distill_trajectory`: the distillation loss again, at states the teacher's own sampler reaches instead (its
+  2N-step trajectory from the prior, molecules of the same sizes; the states a student meets when it replaces
+  its teacher), against `distill` at noised data states z_t = alpha x + sigma eps (what training sees).
 
 Usage:
     python experiments/pd_levels.py --student runs/pd_qm9/student_8steps.eqx \
@@ -38,6 +41,7 @@ from sde_mol.objectives.progressive import (
 from sde_mol.run.build import continuous_teacher, dataset_info
 from sde_mol.run.load import load_denoiser
 from sde_mol.run.progressive import ETA
+from sde_mol.samplers import ddim_step
 
 
 @dataclass(frozen=True)
@@ -93,22 +97,57 @@ def main(cfg: Config) -> dict:
             / dim
         )
 
+    def distill_at(z, m, t, t_mid, t_end, key):
+        z_end = pd.teacher_endpoint(teacher, t, t_mid, t_end, z, m, key=key)
+        target = ddim_target(sde, t, t_end, z, z_end, pd.student_eta)
+        return pd.weight(t) * squared_error(student(t, z, m), target, m) / state_dim(m, info.n_feat)
+
     @eqx.filter_jit
     def chunk_sums(x, m, t, t_mid, t_end, key):
         keys = jr.split(key, m.shape[0])
         return jnp.sum(jax.vmap(one, in_axes=(0, 0, None, None, None, 0))(x, m, t, t_mid, t_end, keys), axis=0)
 
+    @eqx.filter_jit
+    def trajectory_sums(z, m, t, t_mid, t_end, key):
+        keys = jr.split(key, m.shape[0])
+        return jnp.sum(jax.vmap(distill_at, in_axes=(0, 0, None, None, None, 0))(z, m, t, t_mid, t_end, keys))
+
+    @eqx.filter_jit
+    def trajectories(m, key):
+        """The teacher's 2N-step trajectory (its own step kind) from the prior: states at every grid time."""
+        grid = sde.t_min + (sde.t_max - sde.t_min) * jnp.arange(2 * n, -1, -1) / (2 * n)
+
+        def one_molecule(mask_i, key_i):
+            k_prior, k_steps = jr.split(key_i)
+
+            def step(z, j):
+                z_next = ddim_step(teacher, sde, grid[j + 1], grid[j], z, mask_i, eta=pd.teacher_eta,
+                                   key=jr.fold_in(k_steps, j))  # fmt: skip
+                return z_next, z
+
+            return jax.lax.scan(step, sde.prior(mask_i, info.n_feat, key=k_prior), jnp.arange(2 * n))[1]
+
+        return jax.vmap(one_molecule)(m, jr.split(key, m.shape[0]))  # states[b, j] at grid[j]
+
+    states = {}
+    for lo in range(0, cfg.n_valid, cfg.chunk):
+        states[lo] = trajectories(jnp.asarray(mask[lo : lo + cfg.chunk]), jr.fold_in(jr.key(cfg.seed + 1), lo))
+
     rows = []
     t_lo, span = sde.t_min, sde.t_max - sde.t_min
     for i in range(n, 0, -1):
         t, t_mid, t_end = (jnp.float32(t_lo + span * v) for v in (i / n, (2 * i - 1) / (2 * n), (i - 1) / n))
-        total = np.zeros(4)
+        total = np.zeros(5)
         for lo in range(0, cfg.n_valid, cfg.chunk):
             x = Molecule(jnp.asarray(pos[lo : lo + cfg.chunk]), jnp.asarray(feat[lo : lo + cfg.chunk]))
+            m = jnp.asarray(mask[lo : lo + cfg.chunk])
             key = jr.fold_in(jr.fold_in(jr.key(cfg.seed), i), lo)
-            total += np.asarray(chunk_sums(x, jnp.asarray(mask[lo : lo + cfg.chunk]), t, t_mid, t_end, key))
+            total[:4] += np.asarray(chunk_sums(x, m, t, t_mid, t_end, key))
+            j = 2 * (n - i)  # the teacher's state at t = i / N
+            z = jax.tree.map(lambda a, j=j: a[:, j], states[lo])
+            total[4] += float(trajectory_sums(z, m, t, t_mid, t_end, jr.fold_in(key, 1)))
         mean = total / cfg.n_valid
-        names = ("distill", "student_x0", "teacher_x0", "target_x0")
+        names = ("distill", "student_x0", "teacher_x0", "target_x0", "distill_trajectory")
         row = {"t": round(float(t), 4), "t_end": round(float(t_end), 4)}
         rows.append(row | {k: float(f"{v:.4g}") for k, v in zip(names, mean, strict=True)})
         print(json.dumps(rows[-1]), flush=True)

@@ -267,7 +267,8 @@ def test_nfe_table_and_pd_levels_on_a_tiny_run(tiny_teacher, tmp_path):
     levels = load_script(ROOT / "experiments" / "pd_levels.py", "pd_levels")
     report = levels.main(levels.Config(student=student, teacher=tiny_teacher, continuous_time=True, n_valid=4))
     assert [r["t"] for r in report["levels"]] == [1.0, 0.5] and report["student_steps"] == 2
-    assert all(np.isfinite(r[k]) for r in report["levels"] for k in ("distill", "student_x0", "target_x0"))
+    keys = ("distill", "student_x0", "target_x0", "distill_trajectory")
+    assert all(np.isfinite(r[k]) and r[k] >= 0 for r in report["levels"] for k in keys)
     # experiments/first_step.py: the student and the teacher, each plain and with its first interval done by
     # 4 teacher substeps (NFE: N + 1, then 4 + (N - 1) + 1)
     first = load_script(ROOT / "experiments" / "first_step.py", "first_step")
