@@ -29,6 +29,7 @@ from sde_mol.run.build import continuous_teacher, dataset_info
 from sde_mol.run.load import load_denoiser
 from sde_mol.run.recipe import score_samples
 from sde_mol.samplers.steps import ddim_solve
+from sde_mol.schedules import time_grid
 from sde_mol.typing import Key, NodeMask
 
 
@@ -45,7 +46,7 @@ class TopReplacedDDIM(eqx.Module):
     def __call__(self, mask: NodeMask, *, key: Key) -> tuple[Molecule, jnp.ndarray]:
         sde = self.model.sde
         k_prior, k_top, k_rest = jr.split(key, 3)
-        grid = sde.t_min + (sde.t_max - sde.t_min) * jnp.arange(self.n_steps, -1, -1) / self.n_steps
+        grid = time_grid(sde, self.n_steps)  # the student's uniform grid, t_max -> t_min
         z = sde.prior(mask, self.n_feat, key=k_prior)
         if self.top_substeps:
             z = ddim_solve(self.top, sde, z, mask, jnp.linspace(grid[0], grid[1], self.top_substeps + 1), key=k_top)

@@ -42,6 +42,7 @@ from sde_mol.run.build import continuous_teacher, dataset_info
 from sde_mol.run.load import load_denoiser
 from sde_mol.run.progressive import ETA
 from sde_mol.samplers import ddim_step
+from sde_mol.schedules import time_grid
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,16 @@ def main(cfg: Config) -> dict:
     weighting = {"eps_below_snr": dist.get("eps_below_snr", 0.0)}  # 0: students of runs before the option
     pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas, **weighting)
 
+    def target_at(z, m, t, t_mid, t_end, key):
+        """The two-step target x~ from state z (the teacher's two steps, solved for the student's step)."""
+        z_end = pd.teacher_endpoint(teacher, t, t_mid, t_end, z, m, key=key)
+        return ddim_target(sde, t, t_end, z, z_end, pd.student_eta)
+
     def one(x, m, t, t_mid, t_end, key):
         k_eps, k_teacher = jr.split(key)
         alpha, sigma = sde.marginal(t)
         z = project(alpha * x + sigma * com_free_normal(k_eps, m, info.n_feat), m)
-        z_end = pd.teacher_endpoint(teacher, t, t_mid, t_end, z, m, key=k_teacher)
-        target = ddim_target(sde, t, t_end, z, z_end, pd.student_eta)
+        target = target_at(z, m, t, t_mid, t_end, k_teacher)
         x_s, x_t = student(t, z, m), teacher(t, z, m)
         dim = state_dim(m, info.n_feat)
         w = pd.weight(t)
@@ -98,8 +103,7 @@ def main(cfg: Config) -> dict:
         )
 
     def distill_at(z, m, t, t_mid, t_end, key):
-        z_end = pd.teacher_endpoint(teacher, t, t_mid, t_end, z, m, key=key)
-        target = ddim_target(sde, t, t_end, z, z_end, pd.student_eta)
+        target = target_at(z, m, t, t_mid, t_end, key)
         return pd.weight(t) * squared_error(student(t, z, m), target, m) / state_dim(m, info.n_feat)
 
     @eqx.filter_jit
@@ -115,7 +119,7 @@ def main(cfg: Config) -> dict:
     @eqx.filter_jit
     def trajectories(m, key):
         """The teacher's 2N-step trajectory (its own step kind) from the prior: states at every grid time."""
-        grid = sde.t_min + (sde.t_max - sde.t_min) * jnp.arange(2 * n, -1, -1) / (2 * n)
+        grid = time_grid(sde, 2 * n)  # the teacher's uniform grid, t_max -> t_min
 
         def one_molecule(mask_i, key_i):
             k_prior, k_steps = jr.split(key_i)
