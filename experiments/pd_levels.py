@@ -75,7 +75,8 @@ def main(cfg: Config) -> dict:
     sde = student.sde
     etas = {"teacher_eta": ETA[dist["teacher_sampler"]], "student_eta": ETA[dist["target"]]}
     weighting = {"eps_below_snr": dist.get("eps_below_snr", 0.0)}  # 0: students of runs before the option
-    pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas, **weighting)
+    noise = dist["teacher_sampler"] != "ddpm_mean"  # the mean-path target: the teacher's steps without noise
+    pd = ProgressiveDistillation(sde, HalvingSchedule(2 * n, 1, 1), **etas, **weighting, teacher_noise=noise)
 
     def target_at(z, m, t, t_mid, t_end, key):
         """The two-step target x~ from state z (the teacher's two steps, solved for the student's step)."""

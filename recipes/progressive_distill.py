@@ -11,6 +11,8 @@ Usage (checkpoints/student_pd.md: the shipped students and their run):
         --teacher-steps 256 --rounds 6 --steps-per-round 400 --eval-samples 500 --out-dir runs/pd_qm9  # 256 -> 4
     python recipes/progressive_distill.py --out-dir runs/pd_qm9 --resume runs/pd_qm9/last.eqx  # + the same flags
     python recipes/sample.py --checkpoint runs/pd_qm9/student_4steps.eqx          # DDIM at its own 4 steps
+    python recipes/progressive_distill.py --teacher runs/pd_qm9/student_64steps.eqx --teacher-steps 64 --rounds 4 \
+        --steps-per-round 400 --trajectory.fraction 0.5 --out-dir runs/pd_traj  # half the states from the chains
     python recipes/progressive_distill.py --teacher runs/ldm_qm9/last.eqx --out-dir runs/pd_latent
     python recipes/progressive_distill.py --teacher oracle:16 --teacher-steps 16 --rounds 2 \
         --steps-per-round 200 --spec.model.hidden 16 --spec.model.n-layers 2 --out-dir runs/pd_oracle
@@ -32,7 +34,7 @@ from sde_mol.data.qm9 import QM9_BUCKETS
 from sde_mol.latent import LatentObjective
 from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation
 from sde_mol.run import progressive as rp, recipe as rr
-from sde_mol.run.build import optimizer_from
+from sde_mol.run.build import dataset_info, optimizer_from
 from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, OptimConfig, to_dict
 from sde_mol.training.loop import LoopConfig
 from sde_mol.training.state import count_params
@@ -51,14 +53,17 @@ class Config:
     """DDIM steps of the first teacher; round r's student takes teacher_steps / 2^(r+1) (divisible by 2^rounds)"""
     steps_per_round: int = 5000
     """optimiser steps per halving (Salimans & Ho: 50k on CIFAR-10)"""
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    """the teacher's two steps: deterministic DDIM (Salimans & Ho) or stochastic DDPM ancestral steps"""
+    sampler: Literal["ddim", "ddpm", "ddpm_mean"] = "ddim"
+    """the teacher's two steps: deterministic DDIM (Salimans & Ho), stochastic DDPM ancestral steps, or the means of
+    DDPM steps (with --target ddpm: the mean-path target, sde_mol/objectives/progressive.py)"""
     target: Literal["ddim", "ddpm"] = "ddim"
     """the student step the target is solved for: ddim (a deterministic student; with --sampler ddpm this is
     Lacombe & Vaidya's 'as if deterministic'), or ddpm (an ancestral student: sample it with --sampler.eta 1)"""
     eps_below_snr: float = 0.0
     """below this SNR the loss is the eps error (e.g. 0.01: the draws at t ~ 1 of EDM's schedule, where an eps
     student's x0 error is ~316 x its eps error); 0 = Salimans & Ho's truncated-SNR weight everywhere"""
+    trajectory: rp.TrajectoryConfig = field(default_factory=rp.TrajectoryConfig)
+    """training states from the teachers' own sampling chains as well as noised data"""
     continuous_time: bool = False
     """run the teacher (and so its student copies) on the continuous twin of a discrete schedule (EDM's
     vp_discrete -> vp_polynomial, `run.build.continuous_teacher`): any --teacher-steps then works, e.g. 1024 -> 8
@@ -108,16 +113,19 @@ def main(cfg: Config) -> list[dict]:
             Path(cfg.teacher), continuous_time=cfg.continuous_time, latent_ok=True
         )
     sde, etas = rp.check_resolution(student.sde, cfg.teacher_steps), (rp.ETA[cfg.sampler], rp.ETA[cfg.target])
-    objective = ProgressiveDistillation(sde, schedule, oracle, *etas, cfg.eps_below_snr)
+    objective = pd = ProgressiveDistillation(
+        sde, schedule, oracle, *etas, cfg.eps_below_snr, cfg.sampler != "ddpm_mean"
+    )
     if autoencoder is not None:
-        objective = LatentObjective(objective, autoencoder)
+        objective = LatentObjective(pd, autoencoder)
     optimizer = rp.halving_optimizer(optimizer_from(cfg.optim), cfg.steps_per_round if cfg.lr_decay else None)
     distillation = {"teacher": cfg.teacher, "teacher_sampler": cfg.sampler, "target": cfg.target}
-    distillation["eps_below_snr"] = cfg.eps_below_snr
+    distillation |= {"eps_below_snr": cfg.eps_below_snr, "trajectory": to_dict(cfg.trajectory)}
     hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full, "distillation": distillation}
     teacher_kw = dict(first_teacher=None if n is not None else Path(cfg.teacher),
                       continuous_time=cfg.continuous_time, teacher_step=cfg.sampler)  # fmt: skip
-    keys = tuple("teacher rounds teacher_steps steps_per_round sampler target continuous_time eps_below_snr".split())
+    keys = ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time")
+    keys += ("eps_below_snr", "trajectory")
     state = rr.initial_state(
         student, optimizer, with_target=True, resume=cfg.resume, full=full, keys=keys, kind="progressive_train_state"
     )
@@ -125,18 +133,21 @@ def main(cfg: Config) -> list[dict]:
           f"{schedule.steps_of_round(cfg.rounds - 1)} steps")  # fmt: skip
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     summary = []
+    n_feat = dataset_info(cfg.data.dataset).n_feat if autoencoder is None else autoencoder.latent_channels
     for r in range(int(state.step) // cfg.steps_per_round, cfg.rounds):
-        end = (r + 1) * cfg.steps_per_round
+        start, end, n_steps = r * cfg.steps_per_round, (r + 1) * cfg.steps_per_round, schedule.steps_of_round(r)
         minutes = None if deadline is None else max((deadline - time.perf_counter()) / 60, 1e-3)
+        teacher = oracle if r == 0 and oracle is not None else state.target_model  # the round's teacher
+        round_data = rp.round_batches(batches, pd, teacher, cfg.trajectory, n_steps=n_steps, round_start=start,
+                                      n_feat=n_feat, seed=cfg.train.seed + 3)  # fmt: skip
         state = rr.fit(
-            state, objective, optimizer, batches, loop=replace(cfg.train, steps=end, max_minutes=minutes),
+            state, objective, optimizer, round_data, loop=replace(cfg.train, steps=end, max_minutes=minutes),
             ema_decay=cfg.optim.ema_decay, target_decay=schedule.target_decay, out_dir=cfg.out_dir, header=hcfg,
             batch_size=cfg.data.batch_size, kind="progressive_train_state",
         )  # fmt: skip
         if int(state.step) < end:
             print(f"stopped in round {r} at step {int(state.step)}; resume with --resume {cfg.out_dir / 'last.eqx'}")
             break
-        n_steps = schedule.steps_of_round(r)
         probe = cfg.eval_samples if cfg.eval_max_steps is None or n_steps <= cfg.eval_max_steps else 0
         summary.append(rp.finish_round(
             cfg.out_dir, n_steps, state.model, spec, autoencoder, header=hcfg, step=int(state.step), round_index=r,

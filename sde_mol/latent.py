@@ -23,6 +23,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.random as jr
+from jaxtyping import PyTree
 
 from . import checkpoint
 from .denoisers import AbstractDenoiser
@@ -77,7 +78,8 @@ def build_latent_denoiser(spec: ModelSpec, latent_channels: int, *, key: Key) ->
 
 class LatentObjective(AbstractObjective):
     """Any objective, on latents: the data molecule is encoded, z = mu + s eps (the autoencoder is fixed),
-    and `inner.loss_one` runs on (z, mask). The autoencoder is a constant of the objective."""
+    and `inner.loss_one` runs on (z, mask); anything but a `Molecule` (a latent chain state, e.g. progressive
+    distillation's `LevelledState`) goes to `inner` as it is. The autoencoder is a constant of the objective."""
 
     inner: AbstractObjective
     autoencoder: EquivariantAutoencoder
@@ -85,7 +87,7 @@ class LatentObjective(AbstractObjective):
     def loss_one(
         self,
         model: AbstractDenoiser,
-        mol: Molecule,
+        mol: Molecule | PyTree,
         mask: NodeMask,
         *,
         key: Key,
@@ -93,6 +95,8 @@ class LatentObjective(AbstractObjective):
         target: AbstractDenoiser | None = None,
     ) -> tuple[Real, dict]:
         k_enc, k_inner = jr.split(key)
+        if not isinstance(mol, Molecule):  # already in latent space, e.g. a LevelledState of a latent trajectory
+            return self.inner.loss_one(model, mol, mask, key=k_inner, step=step, target=target)
         z = jax.lax.stop_gradient(self.autoencoder.sample_latent(mol, mask, key=k_enc))
         return self.inner.loss_one(model, z, mask, key=k_inner, step=step, target=target)
 

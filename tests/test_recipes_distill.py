@@ -7,6 +7,7 @@ import os
 import subprocess
 from dataclasses import replace
 
+import jax
 import jax.random as jr
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from sde_mol.latent import AutoencoderConfig, load_autoencoder, load_latent
 from sde_mol.run.build import build_denoiser
 from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, to_dict
 from sde_mol.run.load import load_denoiser
+from sde_mol.run.progressive import TrajectoryConfig
 from sde_mol.training.loop import LoopConfig
 
 TINY = ModelSpec(ModelConfig(hidden=8, n_layers=1))
@@ -61,11 +63,15 @@ def _pd_config(pd, teacher, out_dir, **kw):
     return replace(base, **kw)
 
 
-def test_progressive_distill_oracle_teacher(tmp_path):
+def test_progressive_distill_oracle_teacher(tmp_path, monkeypatch):
+    """An exact-oracle teacher, two rounds; every round ends by dropping the compiled programs (a long run would
+    otherwise run out of memory mappings, sde_mol/run/progressive.py `finish_round`)."""
     pd = _recipe("progressive_distill")
     cfg = _pd_config(pd, "oracle:4", tmp_path, oracle_atoms=9, oracle_rotations=2)
+    cleared, clear = [], jax.clear_caches
+    monkeypatch.setattr(jax, "clear_caches", lambda: (cleared.append(1), clear()))
     rows = pd.main(cfg)
-    assert [r["student_steps"] for r in rows] == [4, 2]
+    assert [r["student_steps"] for r in rows] == [4, 2] and len(cleared) == 2
     for n in (4, 2):
         header = checkpoint.read_header(tmp_path / f"student_{n}steps.eqx")
         assert header["kind"] == "denoiser"
@@ -84,17 +90,21 @@ def test_progressive_distill_oracle_teacher(tmp_path):
 
 def test_progressive_distill_real_checkpoint(tiny_teacher, tmp_path):
     """A checkpoint teacher: the student starts as a copy of it (same structure, header spec) and moves; the
-    student's header records the loss weighting (--eps-below-snr)."""
+    student's header records the loss weighting (--eps-below-snr) and the share of chain states (--trajectory:
+    every other step here, so the teacher's chains run beside the donating training step)."""
     pd = _recipe("progressive_distill")
-    rows = pd.main(_pd_config(pd, tiny_teacher, tmp_path, rounds=1, teacher_steps=4, eps_below_snr=0.01))
+    traj = TrajectoryConfig(fraction=0.5, reuse=2)
+    cfg = _pd_config(pd, tiny_teacher, tmp_path, rounds=1, teacher_steps=4, steps_per_round=4, eps_below_snr=0.01)
+    rows = pd.main(replace(cfg, trajectory=traj))
     assert [r["student_steps"] for r in rows] == [2]
     teacher, teacher_spec, _ = load_denoiser(tiny_teacher)
     student, spec, header = load_denoiser(tmp_path / "student_2steps.eqx")
     assert (
         spec == teacher_spec
-        and header["step"] == 2
+        and header["step"] == 4
         and header["config"]["distillation"]["teacher"] == str(tiny_teacher)
         and header["config"]["distillation"]["eps_below_snr"] == 0.01
+        and header["config"]["distillation"]["trajectory"] == to_dict(traj)
     )
     assert student.net.embedding.weight.shape == teacher.net.embedding.weight.shape
     assert not np.array_equal(student.net.embedding.weight, teacher.net.embedding.weight)

@@ -35,6 +35,16 @@ x0 two posterior steps compose to one, so the first moment matches) and the stud
 eta = 1: that lands on the oracle's molecules, more slowly than a DDIM student (the target's variance grows
 like N; the figures: experiments/NOTES.md, "Progressive distillation with a DDPM teacher").
 
+The mean path (`teacher_noise=False`, with `teacher_eta = student_eta = 1`). The DDPM target's variance comes from
+the teacher steps' fresh noise divided by alpha_s sigma_{t|s}^2 / sigma_t^2 (its std grows like sigma_t sigma_s /
+(alpha_s sigma_{t|s}): several times the data's scale on fine grids). Leaving the noise out of both teacher steps
+gives the target for which the mean of the student's ancestral step is the teacher's second step's mean taken at
+its first step's mean, m2(m1(z_t)), instead of E[m2(m1(z_t) + c1 xi)]: the two differ by a term of second order in
+the first step's noise c1 xi, and the target has no variance. The student is still sampled as an ancestral chain
+(DDIM eta = 1) whose noise per step is the posterior std of its own (double) step; for a fixed x0 two posterior
+steps compose to one, so that is also the teacher's two steps' noise. An approximation of ours, not a published
+method; measured in experiments/NOTES.md.
+
 One DDIM step function (`samplers.ddim_step`) serves the DDIM/DDPM samplers and this objective.
 
 Successive halving without recompilation. Round r = 0..R-1 of a `HalvingSchedule` distils a teacher with
@@ -107,6 +117,16 @@ class HalvingSchedule(eqx.Module):
         return jnp.where((k + 1) % self.steps_per_round == 0, 0.0, 1.0).astype(jnp.float32)
 
 
+class LevelledState(eqx.Module):
+    """A state z of a sampling chain at level `level` of the student's grid (t = level / N, N the student's step
+    count at the training step): a row of `ProgressiveDistillation.teacher_trajectory`. Given to `loss_one` in
+    place of a data molecule, it is distilled where it stands instead of at a noised data state. In a batch,
+    `level` has the batch axis."""
+
+    z: Molecule
+    level: Int[Array, "*batch"]
+
+
 # --- the target --------------------------------------------------------------------------------------------
 
 
@@ -158,6 +178,9 @@ class ProgressiveDistillation(AbstractObjective):
       with: 0 = deterministic (Salimans & Ho; Lacombe & Vaidya's reading for a DDPM teacher), 1 = ancestral.
     * `eps_below_snr`: 0 = Salimans & Ho's truncated-SNR weight; s0 > 0 = the same, tapered to an eps-space
       loss where SNR < s0 (`truncated_snr_weight`), for eps-parametrised students.
+    * `teacher_noise`: False = the target is solved from the MEANS of the teacher's two steps (each step's
+      noise left out; for a DDPM teacher with `student_eta = 1`: the "mean path" target, module docstring).
+      Chains of `teacher_trajectory` always carry their noise.
     """
 
     sde: AbstractSDE
@@ -166,6 +189,7 @@ class ProgressiveDistillation(AbstractObjective):
     teacher_eta: float = eqx.field(static=True, default=0.0)
     student_eta: float = eqx.field(static=True, default=0.0)
     eps_below_snr: float = eqx.field(static=True, default=0.0)
+    teacher_noise: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         for name in ("teacher_eta", "student_eta"):
@@ -180,12 +204,23 @@ class ProgressiveDistillation(AbstractObjective):
         return truncated_snr_weight(self.sde, t, self.eps_below_snr)
 
     def teacher_endpoint(
-        self, teacher: AbstractDenoiser, t: Scalar, t_mid: Scalar, t_end: Scalar, z_t: Molecule, mask, *, key: Key
+        self,
+        teacher: AbstractDenoiser,
+        t: Scalar,
+        t_mid: Scalar,
+        t_end: Scalar,
+        z_t: Molecule,
+        mask,
+        *,
+        key: Key,
+        noise: bool | None = None,
     ) -> Molecule:
-        """The teacher's two steps t -> t_mid -> t_end from z_t (DDIM or DDPM by `teacher_eta`)."""
+        """The teacher's two steps t -> t_mid -> t_end from z_t (DDIM or DDPM by `teacher_eta`; with their noise,
+        or their means only, by `noise`, default `teacher_noise`)."""
+        noise = self.teacher_noise if noise is None else noise
         k1, k2 = jr.split(key)
-        z_mid = ddim_step(teacher, self.sde, t_mid, t, z_t, mask, eta=self.teacher_eta, key=k1)
-        return ddim_step(teacher, self.sde, t_end, t_mid, z_mid, mask, eta=self.teacher_eta, key=k2)
+        z_mid = ddim_step(teacher, self.sde, t_mid, t, z_t, mask, eta=self.teacher_eta, key=k1, noise=noise)
+        return ddim_step(teacher, self.sde, t_end, t_mid, z_mid, mask, eta=self.teacher_eta, key=k2, noise=noise)
 
     def _endpoint(self, step, target, t, t_mid, t_end, z_t, mask, key) -> Molecule:
         def run(teacher):
@@ -203,23 +238,49 @@ class ProgressiveDistillation(AbstractObjective):
         first_round = self.schedule.round(step) == 0
         return jax.lax.cond(first_round, lambda: run(self.teacher), lambda: run(target))
 
-    def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
+    def grid(self, i: IntScalar, n: Real) -> tuple[Real, Real, Real]:
+        """The times t_i, t_{i - 1/2}, t_{i - 1} of student level i on an n-step grid: exact grid nodes,
+        integer numerators over (traced) denominators, placed on the SDE's own interval (for t in [0, 1] the map
+        is the identity, exactly)."""
+        i = jnp.asarray(i, jnp.int32)
+        t_lo, t_span = self.sde.t_min, self.sde.t_max - self.sde.t_min
+        t = t_lo + t_span * (i.astype(jnp.float32) / n)
+        t_mid = t_lo + t_span * ((2 * i - 1).astype(jnp.float32) / (2.0 * n))
+        t_end = t_lo + t_span * ((i - 1).astype(jnp.float32) / n)
+        return t, t_mid, t_end
+
+    def teacher_trajectory(
+        self, teacher: AbstractDenoiser, n: int, mask: NodeMask, n_feat: int, *, key: Key
+    ) -> Molecule:
+        """The states of the 2n-step teacher's own sampling chain (its `teacher_eta` steps) from the prior, at
+        the n-step student's levels n, n - 1, ..., 1 (leading axis; entry k is level n - k): where the
+        student will be used, as opposed to the noised data states z_t = alpha x + sigma eps."""
+        k_prior, k_steps = jr.split(key)
+        nf = jnp.float32(n)
+
+        def body(z, i):
+            t, t_mid, t_end = self.grid(i, nf)
+            z_next = self.teacher_endpoint(teacher, t, t_mid, t_end, z, mask, key=jr.fold_in(k_steps, i), noise=True)
+            return z_next, z
+
+        _, states = jax.lax.scan(body, self.sde.prior(mask, n_feat, key=k_prior), jnp.arange(n, 0, -1))
+        return states
+
+    def loss_one(self, model, mol: Molecule | LevelledState, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
         k_i, k_eps, k_teacher = jr.split(key, 3)
         n = self.schedule.student_steps(step)
-        i = jr.randint(k_i, (), 1, n + 1)
-        # exact grid nodes: integer numerators over traced denominators (true divisions, correctly rounded),
-        # placed on the SDE's own interval (for t in [0, 1] the map is the identity, exactly)
         nf = n.astype(jnp.float32)
-        t_lo, t_span = self.sde.t_min, self.sde.t_max - self.sde.t_min
-        t = t_lo + t_span * (i.astype(jnp.float32) / nf)
-        t_mid = t_lo + t_span * ((2 * i - 1).astype(jnp.float32) / (2.0 * nf))
-        t_end = t_lo + t_span * ((i - 1).astype(jnp.float32) / nf)
-        alpha_t, sigma_t = self.sde.marginal(t)
-        eps = com_free_normal(k_eps, mask, mol.n_feat, mol.positions.dtype)
-        z_t = project(alpha_t * mol + sigma_t * eps, mask)
+        if isinstance(mol, LevelledState):  # a state of a teacher trajectory, distilled where it stands
+            i, z_t = mol.level, mol.z
+        else:  # a data molecule, noised to a uniformly drawn level
+            i = jr.randint(k_i, (), 1, n + 1)
+            alpha_t, sigma_t = self.sde.marginal(self.grid(i, nf)[0])
+            eps = com_free_normal(k_eps, mask, mol.n_feat, mol.positions.dtype)
+            z_t = project(alpha_t * mol + sigma_t * eps, mask)
+        t, t_mid, t_end = self.grid(i, nf)
         z_end = self._endpoint(step, target, t, t_mid, t_end, z_t, mask, k_teacher)
         x_target = jax.lax.stop_gradient(ddim_target(self.sde, t, t_end, z_t, z_end, self.student_eta))
         x_hat = model(t, z_t, mask)
         weight = self.weight(t)
-        loss = weight * squared_error(x_hat, x_target, mask) / state_dim(mask, mol.n_feat)
+        loss = weight * squared_error(x_hat, x_target, mask) / state_dim(mask, z_t.n_feat)
         return loss, {"student_steps": nf, "t": t}

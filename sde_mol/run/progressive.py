@@ -6,24 +6,45 @@ r - 1's student, read back from its file or from students.json) are sampled with
 EDM's metrics; `metrics.matches` says whether the student is within two standard errors of its teacher on
 atom stability, molecule stability and validity. Every round trains its fixed budget (`--steps-per-round`);
 the row says whether the student matched at the end of it. An exact-oracle teacher has no probe of its own.
+
+Trajectory states (`round_batches`). A student trained only at noised data states z_t = alpha x + sigma eps is
+used at the states of its teacher's sampling chain, and an imperfect teacher's chain leaves those states (measured
+on the QM9 teacher: experiments/NOTES.md). With a trajectory fraction f > 0, that share of a round's training
+batches holds states of the round's teacher's own chain from the prior instead (`ProgressiveDistillation.
+teacher_trajectory`, as `LevelledState`s). One chain of 2N teacher steps gives N states per molecule; each
+generated batch of chains feeds `reuse` training batches (every row at a different level each time, levels
+uniform as for data rows), so the chains cost 2N / reuse teacher evaluations per row against two for the
+targets. The sizes (masks) of a generated batch are those of the data batch its first slot replaces, and its
+key is a function of the round and its index: a resumed run sees the same batches as an uninterrupted one.
 """
 
 import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
 import optax
 
 from .. import checkpoint, metrics
 from ..denoisers import AbstractDenoiser
+from ..host_memory import release_freed_memory
+from ..objectives.progressive import LevelledState, ProgressiveDistillation
 from ..sde import AbstractSDE
 from .configs import ModelSpec, SamplerConfig, to_dict
 from .recipe import checkpoint_teacher, score_sampler
 
-ETA = {"ddim": 0.0, "ddpm": 1.0}
-"""The DDIM eta of each step kind: deterministic DDIM (Salimans & Ho) or the stochastic DDPM step."""
+ETA = {"ddim": 0.0, "ddpm": 1.0, "ddpm_mean": 1.0}
+"""The DDIM eta of each step kind: deterministic DDIM (Salimans & Ho), the stochastic DDPM step, or (as a teacher
+step only) the DDPM step's mean (`ProgressiveDistillation(teacher_noise=False)`; sampled, it is the DDPM step)."""
 
-StepKind = Literal["ddim", "ddpm"]
+StepKind = Literal["ddim", "ddpm", "ddpm_mean"]
 
 
 def halving_optimizer(base: optax.GradientTransformation, steps_per_round: int | None) -> optax.GradientTransformation:
@@ -126,4 +147,95 @@ def finish_round(
     print(f"round {round_index}: wrote {path}" + "".join(f"; {k} {v}" for k, v in shown.items()), flush=True)
     with open(out_dir / "students.json", "a") as f:
         f.write(json.dumps(row) + "\n")
+    # Drop every compiled program. Each round compiles its own training step, chains and probe samplers (their
+    # step counts are static), and a process may hold at most vm.max_map_count memory mappings (65,530 by default
+    # on Linux), about three per compiled kernel. Measured on the 5 x 128 QM9 model: two probes took a run from
+    # 14,032 to 23,341 mappings, and clearing the caches took a process from 7,171 back to 816 (two 4-round runs
+    # died compiling round 2's probe: experiments/NOTES.md). The next round compiles its step anew either way.
+    # Then the freed buffers go back to the OS (kept by `host_memory.keep_freed_memory` otherwise).
+    jax.clear_caches()
+    release_freed_memory()
     return row
+
+
+# --- trajectory states ------------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _trajectory_rows(objective: ProgressiveDistillation, teacher, masks, key, n: int, n_feat: int, reuse: int):
+    """Chains of the 2n-step teacher for each row of `masks`; for each row `reuse` distinct levels, uniformly:
+    (states with axes (batch, reuse, ...), their levels (batch, reuse))."""
+    k_levels, k_rows = jr.split(key)
+    rows = masks.shape[0]
+
+    def chain(mask, k):
+        return objective.teacher_trajectory(teacher, n, mask, n_feat, key=k)
+
+    states = jax.vmap(chain)(masks, jr.split(k_rows, rows))  # (batch, n, ...): entry k is level n - k
+    order = jnp.argsort(jr.uniform(k_levels, (rows, n)), axis=1)[:, :reuse]
+
+    def pick(a):
+        return jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+
+    return jax.tree.map(pick, states), n - order
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """Training states from the teachers' own sampling chains (module docstring, "Trajectory states")."""
+
+    fraction: float = 0.0
+    """share of a round's training batches that hold states of the round's teacher's own sampling chains from the
+    prior instead of noised data; 0 = noised data only (Salimans & Ho)"""
+    reuse: int = 8
+    """training batches fed by one generated batch of chains (each row at another level each time)"""
+
+
+def round_batches(
+    data: Callable[[int], Iterator],
+    objective: ProgressiveDistillation,
+    teacher: AbstractDenoiser,
+    cfg: TrajectoryConfig,
+    *,
+    n_steps: int,
+    round_start: int,
+    n_feat: int,
+    seed: int,
+) -> Callable[[int], Iterator]:
+    """The batches of the round that starts at global step `round_start` and trains an `n_steps`-step student
+    of `teacher` (2 n_steps steps): `data(start)`'s host batches, with the share `cfg.fraction` of the steps (exactly:
+    local step k is one when floor((k + 1) f) > floor(k f)) given instead states of the teacher's chains, as the
+    step's device arguments (LevelledState, masks, weights). Module docstring: "Trajectory states". The teacher
+    is copied: the training step donates the state's buffers, the round's teacher (its target model) among them."""
+    if not 0.0 <= cfg.fraction <= 1.0 or cfg.reuse < 1:
+        raise ValueError(
+            f"--trajectory.fraction {cfg.fraction} must be in [0, 1] and --trajectory.reuse {cfg.reuse} >= 1"
+        )
+    if cfg.fraction == 0.0:
+        return data
+    teacher = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, teacher)
+    f, per_chain = Fraction(cfg.fraction).limit_denominator(1000), min(cfg.reuse, n_steps)
+    base = jr.fold_in(jr.PRNGKey(seed), round_start)
+
+    def first_slot(index: int) -> int:  # the local step of trajectory batch `index`
+        return math.ceil((index + 1) / f) - 1
+
+    def batches(start: int) -> Iterator:
+        if start < round_start:
+            raise ValueError(f"round_batches: step {start} is before the round's start {round_start}")
+        cache: dict = {}
+        for k, batch in enumerate(data(start), start - round_start):
+            if math.floor((k + 1) * f) == math.floor(k * f):
+                yield batch
+                continue
+            g, j = divmod(math.floor(k * f), per_chain)
+            if cache.get("g") != g:
+                first = first_slot(g * per_chain)
+                source = batch if first == k else next(iter(data(round_start + first)))
+                masks, weights = jnp.asarray(source.mask), jnp.asarray(source.weight)
+                z, levels = _trajectory_rows(objective, teacher, masks, jr.fold_in(base, g), n_steps, n_feat, per_chain)
+                cache = {"g": g, "z": z, "levels": levels, "masks": masks, "weights": weights}
+            z = jax.tree.map(lambda a, j=j: a[:, j], cache["z"])
+            yield LevelledState(z, cache["levels"][:, j]), cache["masks"], cache["weights"]
+
+    return batches

@@ -95,10 +95,12 @@ def ddim_step(
     *,
     eta: Scalar,
     key: Key,
+    noise: bool = True,
 ) -> Molecule:
     """DDIM update z_t -> z_s (Song et al. 2021, generalised to any SDE):
     z_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c noise, c = eta sigma_{t|s} sigma_s / sigma_t
-    (eta = 1: the posterior q(z_s | z_t, x0_hat) std; eta = 0: deterministic). Requires 0 <= eta <= 1."""
+    (eta = 1: the posterior q(z_s | z_t, x0_hat) std; eta = 0: deterministic). Requires 0 <= eta <= 1.
+    `noise=False`: the step's mean (the c noise term left out; the same as eta = 0 only when eta = 0)."""
     alpha_s, sigma_s = sde.marginal(s)
     alpha_t, sigma_t = sde.marginal(t)
     _, sigma2_ts = sde.transition(s, t)
@@ -107,8 +109,10 @@ def ddim_step(
     c2 = eta**2 * sigma2_ts * (sigma_s / sigma_t) ** 2
     # sigma_s^2 - c^2 >= 0 for eta <= 1 since sigma^2_{t|s} <= sigma_t^2; the clamp only absorbs round-off
     keep = jnp.sqrt(jnp.maximum(sigma_s**2 - c2, 0.0))
-    noise = com_free_normal(key, mask, z.n_feat)
-    return project(alpha_s * x0 + keep * eps + jnp.sqrt(c2) * noise, mask)
+    mean = alpha_s * x0 + keep * eps
+    if not noise:
+        return project(mean, mask)
+    return project(mean + jnp.sqrt(c2) * com_free_normal(key, mask, z.n_feat), mask)
 
 
 def ddim_solve(

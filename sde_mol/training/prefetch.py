@@ -29,7 +29,13 @@ def host_batches(iterator, start_step: int) -> Iterator:
 
 def to_device(batch, *, mesh: jax.sharding.Mesh | None = None) -> tuple:
     """A host batch -> the step's (mols, masks, weights) device arrays; with `mesh`, global arrays sharded
-    along the batch axis over the mesh (`distributed.shard_batch`: each process uploads only its rows)."""
+    along the batch axis over the mesh (`distributed.shard_batch`: each process uploads only its rows). A batch
+    that is already the step's arguments (a tuple of device arrays, e.g. states a teacher generated on the
+    device) passes through unchanged; it cannot be sharded."""
+    if isinstance(batch, tuple):
+        if mesh is not None:
+            raise ValueError("a batch generated on the device (e.g. trajectory states) cannot be sharded over a mesh")
+        return batch
     arrays = (batch.positions, batch.features, batch.mask, batch.weight)
     if mesh is not None:
         positions, features, mask, weight = distributed.shard_batch(arrays, mesh)

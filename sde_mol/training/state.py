@@ -80,7 +80,7 @@ def ema_update(ema: PyTree, new: PyTree, decay: Float[Array, ""] | float) -> PyT
 class StepBatch:
     """What one training step consumes (device arrays)."""
 
-    mols: Molecule
+    mols: Molecule | PyTree
     masks: Bool[Array, "batch n_atoms"]
     weights: Float[Array, " batch"]
 
@@ -113,7 +113,7 @@ def make_step(
       bucket. `step.num_traces()` returns the number of traces so far either way.
     """
 
-    def update(state: TrainState, mols: Molecule, masks, weights, key: Key):
+    def update(state: TrainState, mols: Molecule | PyTree, masks, weights, key: Key):
         if mesh is not None:
             state = distributed.constrain(state, mesh, batch=False)
             mols, masks, weights = distributed.constrain((mols, masks, weights), mesh, batch=True)
@@ -151,7 +151,7 @@ def make_step(
         jitted = eqx.filter_jit(lambda rest, state: counted(state, *rest), donate="all-except-first")
         last = [lambda: None]  # weak reference to the state this step returned last
 
-        def step(state: TrainState, mols: Molecule, masks, weights, key: Key):
+        def step(state: TrainState, mols: Molecule | PyTree, masks, weights, key: Key):
             if state is not last[0]():  # a state of our own making never shares buffers: skip the check
                 # nor may it share them with the objective (a distillation teacher whose network the student
                 # was copied from): donating those would delete the teacher's weights
@@ -163,7 +163,7 @@ def make_step(
     else:
         jitted = eqx.filter_jit(counted)
 
-        def step(state: TrainState, mols: Molecule, masks, weights, key: Key):
+        def step(state: TrainState, mols: Molecule | PyTree, masks, weights, key: Key):
             return jitted(state, mols, masks, weights, key)
 
     step.num_traces = lambda: eqx.debug.get_num_traces(counted)
