@@ -41,8 +41,6 @@ from sde_mol.objectives.progressive import (
 from sde_mol.run.build import continuous_teacher, dataset_info
 from sde_mol.run.load import load_denoiser
 from sde_mol.run.progressive import ETA
-from sde_mol.samplers import ddim_step
-from sde_mol.schedules import time_grid
 
 
 @dataclass(frozen=True)
@@ -119,37 +117,27 @@ def main(cfg: Config) -> dict:
 
     @eqx.filter_jit
     def trajectories(m, key):
-        """The teacher's 2N-step trajectory (its own step kind) from the prior: states at every grid time."""
-        grid = time_grid(sde, 2 * n)  # the teacher's uniform grid, t_max -> t_min
+        """The teacher's own 2N-step chain from the prior, at the student's levels N..1 (`teacher_trajectory`)."""
 
-        def one_molecule(mask_i, key_i):
-            k_prior, k_steps = jr.split(key_i)
+        def chain(mask_i, key_i):
+            return pd.teacher_trajectory(teacher, n, mask_i, info.n_feat, key=key_i)
 
-            def step(z, j):
-                z_next = ddim_step(teacher, sde, grid[j + 1], grid[j], z, mask_i, eta=pd.teacher_eta,
-                                   key=jr.fold_in(k_steps, j))  # fmt: skip
-                return z_next, z
-
-            return jax.lax.scan(step, sde.prior(mask_i, info.n_feat, key=k_prior), jnp.arange(2 * n))[1]
-
-        return jax.vmap(one_molecule)(m, jr.split(key, m.shape[0]))  # states[b, j] at grid[j]
+        return jax.vmap(chain)(m, jr.split(key, m.shape[0]))  # states[b, k] at level N - k
 
     states = {}
     for lo in range(0, cfg.n_valid, cfg.chunk):
         states[lo] = trajectories(jnp.asarray(mask[lo : lo + cfg.chunk]), jr.fold_in(jr.key(cfg.seed + 1), lo))
 
     rows = []
-    t_lo, span = sde.t_min, sde.t_max - sde.t_min
     for i in range(n, 0, -1):
-        t, t_mid, t_end = (jnp.float32(t_lo + span * v) for v in (i / n, (2 * i - 1) / (2 * n), (i - 1) / n))
+        t, t_mid, t_end = pd.grid(i, jnp.float32(n))
         total = np.zeros(5)
         for lo in range(0, cfg.n_valid, cfg.chunk):
             x = Molecule(jnp.asarray(pos[lo : lo + cfg.chunk]), jnp.asarray(feat[lo : lo + cfg.chunk]))
             m = jnp.asarray(mask[lo : lo + cfg.chunk])
             key = jr.fold_in(jr.fold_in(jr.key(cfg.seed), i), lo)
             total[:4] += np.asarray(chunk_sums(x, m, t, t_mid, t_end, key))
-            j = 2 * (n - i)  # the teacher's state at t = i / N
-            z = jax.tree.map(lambda a, j=j: a[:, j], states[lo])
+            z = jax.tree.map(lambda a, k=n - i: a[:, k], states[lo])  # the teacher's state at level i
             total[4] += float(trajectory_sums(z, m, t, t_mid, t_end, jr.fold_in(key, 1)))
         mean = total / cfg.n_valid
         names = ("distill", "student_x0", "teacher_x0", "target_x0", "distill_trajectory")

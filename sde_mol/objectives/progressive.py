@@ -270,14 +270,15 @@ class ProgressiveDistillation(AbstractObjective):
         k_i, k_eps, k_teacher = jr.split(key, 3)
         n = self.schedule.student_steps(step)
         nf = n.astype(jnp.float32)
-        if isinstance(mol, LevelledState):  # a state of a teacher trajectory, distilled where it stands
-            i, z_t = mol.level, mol.z
-        else:  # a data molecule, noised to a uniformly drawn level
-            i = jr.randint(k_i, (), 1, n + 1)
-            alpha_t, sigma_t = self.sde.marginal(self.grid(i, nf)[0])
+        levelled = isinstance(mol, LevelledState)  # a state of a teacher's chain, distilled where it stands
+        i = mol.level if levelled else jr.randint(k_i, (), 1, n + 1)
+        t, t_mid, t_end = self.grid(i, nf)
+        if levelled:
+            z_t = mol.z
+        else:  # a data molecule, noised to level i
+            alpha_t, sigma_t = self.sde.marginal(t)
             eps = com_free_normal(k_eps, mask, mol.n_feat, mol.positions.dtype)
             z_t = project(alpha_t * mol + sigma_t * eps, mask)
-        t, t_mid, t_end = self.grid(i, nf)
         z_end = self._endpoint(step, target, t, t_mid, t_end, z_t, mask, k_teacher)
         x_target = jax.lax.stop_gradient(ddim_target(self.sde, t, t_end, z_t, z_end, self.student_eta))
         x_hat = model(t, z_t, mask)
