@@ -5,7 +5,9 @@
 #
 # Usage: experiments/nfe_table.sh TEACHER OUT [STUDENT.eqx ...]
 #   N=1000 (molecules per row), STEPS="1 2 4 8 16 32 64" (step counts of the training-free rows),
-#   RECOMMENDED=1 (also the teacher's recommended sampler; 0 skips it: the slowest row)
+#   RECOMMENDED=1 (also the teacher's recommended sampler, autoguidance included for the default model; 0 skips it:
+#   the slowest row), GUIDED=0 (1: the training-free rows autoguided as recipes/sample.py's default model is, by
+#   its recommended guide; rows named *_guided)
 # e.g. experiments/nfe_table.sh checkpoints/edm_qm9_base.eqx samples/nfe checkpoints/student_pd_*.eqx
 # A row whose metrics.json exists is kept (delete it to redo the row).
 set -euo pipefail
@@ -26,17 +28,24 @@ row() {  # row NAME LABEL ARGS...: one recipes/sample.py run into $out/NAME
         --out-dir "$out/$name" "$@"
 }
 
+guide=(--guide.checkpoint None)
+suffix="" tag=""
+if [[ ${GUIDED:-0} == 1 ]]; then
+    guide=() suffix=_guided tag=", guided"
+fi
+
 if [[ ${RECOMMENDED:-1} == 1 ]]; then
     row recommended "teacher, recommended sampler" --checkpoint "$teacher"
 fi
 for k in $steps; do
-    row "ddim_$k" "teacher, DDIM" --checkpoint "$teacher" --continuous-time \
-        --sampler.sampler ddim --sampler.steps "$k"
-    row "ancestral_$k" "teacher, respaced ancestral" --checkpoint "$teacher" --continuous-time \
-        --sampler.sampler ancestral --sampler.steps "$k"
+    row "ddim_$k$suffix" "teacher, DDIM$tag" --checkpoint "$teacher" --continuous-time \
+        --sampler.sampler ddim --sampler.steps "$k" ${guide[@]+"${guide[@]}"}
+    row "ancestral_$k$suffix" "teacher, respaced ancestral$tag" --checkpoint "$teacher" --continuous-time \
+        --sampler.sampler ancestral --sampler.steps "$k" ${guide[@]+"${guide[@]}"}
     if ((k > 1)); then  # heun: two evaluations a step, so k / 2 steps
-        row "heun_karras_$((k / 2))" "teacher, PF-ODE heun (Karras)" --checkpoint "$teacher" --continuous-time \
-            --sampler.sampler pf_ode --sampler.solver heun --sampler.grid karras --sampler.steps $((k / 2))
+        row "heun_karras_$((k / 2))$suffix" "teacher, PF-ODE heun (Karras)$tag" --checkpoint "$teacher" \
+            --continuous-time --sampler.sampler pf_ode --sampler.solver heun --sampler.grid karras \
+            --sampler.steps $((k / 2)) ${guide[@]+"${guide[@]}"}
     fi
 done
 for student in "$@"; do  # a student samples with its own sampler (its header says which)

@@ -35,7 +35,8 @@ from sde_mol.latent import LatentObjective
 from sde_mol.objectives.progressive import HalvingSchedule, ProgressiveDistillation
 from sde_mol.run import progressive as rp, recipe as rr
 from sde_mol.run.build import dataset_info, optimizer_from
-from sde_mol.run.configs import DataConfig, DenoiserConfig, ModelConfig, ModelSpec, OptimConfig, to_dict
+from sde_mol.run.configs import DataConfig, DenoiserConfig, GuideConfig, ModelConfig, ModelSpec, OptimConfig, to_dict
+from sde_mol.run.load import with_guide
 from sde_mol.training.loop import LoopConfig
 from sde_mol.training.state import count_params
 
@@ -64,6 +65,9 @@ class Config:
     student's x0 error is ~316 x its eps error); 0 = Salimans & Ho's truncated-SNR weight everywhere"""
     trajectory: rp.TrajectoryConfig = field(default_factory=rp.TrajectoryConfig)
     """training states from the teachers' own sampling chains as well as noised data"""
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    """autoguidance of the first teacher (a checkpoint) by a weaker model: round 0 distils the guided teacher;
+    the student still starts as a copy of the (unguided) teacher"""
     continuous_time: bool = False
     """run the teacher (and so its student copies) on the continuous twin of a discrete schedule (EDM's
     vp_discrete -> vp_polynomial, `run.build.continuous_teacher`): any --teacher-steps then works, e.g. 1024 -> 8
@@ -112,6 +116,10 @@ def main(cfg: Config) -> list[dict]:
         student, spec, autoencoder, extra = rr.checkpoint_teacher(
             Path(cfg.teacher), continuous_time=cfg.continuous_time, latent_ok=True
         )
+        if cfg.guide.checkpoint is not None:  # round 0's teacher: a guided copy (the state's buffers are donated)
+            if autoencoder is not None:
+                raise cli.UsageError(f"--guide.checkpoint: the teacher {cfg.teacher} is a latent model")
+            oracle = with_guide(rp.copied(student), spec, cfg.guide, continuous_time=cfg.continuous_time)
     sde, etas = rp.check_resolution(student.sde, cfg.teacher_steps), (rp.ETA[cfg.sampler], rp.ETA[cfg.target])
     objective = pd = ProgressiveDistillation(
         sde, schedule, oracle, *etas, cfg.eps_below_snr, cfg.sampler != "ddpm_mean"
@@ -120,12 +128,16 @@ def main(cfg: Config) -> list[dict]:
         objective = LatentObjective(pd, autoencoder)
     optimizer = rp.halving_optimizer(optimizer_from(cfg.optim), cfg.steps_per_round if cfg.lr_decay else None)
     distillation = {"teacher": cfg.teacher, "teacher_sampler": cfg.sampler, "target": cfg.target}
-    distillation |= {"eps_below_snr": cfg.eps_below_snr, "trajectory": to_dict(cfg.trajectory)}
+    distillation |= {
+        "eps_below_snr": cfg.eps_below_snr,
+        "trajectory": to_dict(cfg.trajectory),
+        "guide": to_dict(cfg.guide),
+    }
     hcfg = {"recipe": "progressive_distill", "spec": to_dict(spec), **extra, "full": full, "distillation": distillation}
     teacher_kw = dict(first_teacher=None if n is not None else Path(cfg.teacher),
-                      continuous_time=cfg.continuous_time, teacher_step=cfg.sampler)  # fmt: skip
+                      continuous_time=cfg.continuous_time, teacher_step=cfg.sampler, guide=cfg.guide)  # fmt: skip
     keys = ("teacher", "rounds", "teacher_steps", "steps_per_round", "sampler", "target", "continuous_time")
-    keys += ("eps_below_snr", "trajectory")
+    keys += ("eps_below_snr", "trajectory", "guide")
     state = rr.initial_state(
         student, optimizer, with_target=True, resume=cfg.resume, full=full, keys=keys, kind="progressive_train_state"
     )

@@ -6,7 +6,7 @@ The names a notebook needs, from their modules (deeper names stay in their modul
     molecules   Molecule, remove_com, project, com_free_normal, com_free_normal_log_prob
     SDEs        AbstractSDE (write `marginal` and you have a new SDE), DiscreteVPSDE, PolynomialVPSDE,
                 CosineVPSDE, VESDE, KarrasSDE
-    denoisers   AbstractDenoiser, EpsDenoiser, KarrasDenoiser, ConsistencyFunction, EGNN
+    denoisers   AbstractDenoiser, EpsDenoiser, KarrasDenoiser, ConsistencyFunction, GuidedDenoiser, EGNN
     sampling    AbstractSampler (sampler(denoiser, mask, n_feat, *, key)), Ancestral, DDIM, PFODE (any diffrax
                 solver), ReverseSDE, Consistency, sample_molecules
     training    EDMEpsLoss, ContinuousDenoisingLoss, KarrasLoss, ConsistencyLoss, ProgressiveDistillation,
@@ -20,6 +20,7 @@ from .denoisers import (
     AbstractDenoiser as AbstractDenoiser,
     ConsistencyFunction as ConsistencyFunction,
     EpsDenoiser as EpsDenoiser,
+    GuidedDenoiser as GuidedDenoiser,
     KarrasDenoiser as KarrasDenoiser,
 )
 from .metrics import evaluate as evaluate

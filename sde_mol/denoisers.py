@@ -23,7 +23,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from .molecule import Molecule, project
 from .sde import AbstractSDE
@@ -229,3 +229,52 @@ class TruncatedConsistencyFunction(AbstractX0Denoiser):
         alpha, sigma = self.sde.marginal(t)
         above = sigma / alpha > self.sigma * (1.0 + TRUNCATION_RTOL)
         return jax.lax.cond(above, lambda: self.high(t, z, mask), lambda: self.low(t, z, mask))
+
+
+# --- guidance --------------------------------------------------------------------------------------------
+
+
+class GuidedDenoiser(AbstractDenoiser):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the good
+    denoiser extrapolated away from a weaker one of the same data and SDE,
+    D_w(t, z) = D_bad(t, z) + w (D_good(t, z) - D_bad(t, z)), and the same for eps (both are affine in the
+    network output at a fixed (alpha, sigma), so the two forms agree). w = 1 is the good denoiser; the bad one
+    (a smaller or shorter-trained model) marks the directions in which the good one is still wrong.
+
+    Guidance acts at times t_low <= t <= t_high only (guidance in a limited interval, Kynkaenniemi et al. 2024);
+    elsewhere the good denoiser runs alone and the bad one is not evaluated. Both parts must share the SDE
+    (`run.sample.guided_denoiser` checks it); this module lives on `good.sde`."""
+
+    good: AbstractDenoiser
+    bad: AbstractDenoiser
+    weight: float
+    t_low: float = 0.0
+    t_high: float = float("inf")
+
+    def __check_init__(self):
+        if not (self.weight == self.weight and abs(self.weight) < float("inf")):
+            raise ValueError(f"GuidedDenoiser: weight={self.weight} must be finite")
+        if not self.t_low <= self.t_high:
+            raise ValueError(f"GuidedDenoiser: interval ({self.t_low}, {self.t_high}) must have t_low <= t_high")
+
+    @property
+    def sde(self) -> AbstractSDE:
+        return self.good.sde
+
+    def guided_at(self, t: Scalar) -> Bool[Array, ""]:
+        """Whether guidance (and so the bad denoiser) is evaluated at time t."""
+        t = jnp.asarray(t)
+        return (t >= self.t_low) & (t <= self.t_high)
+
+    def eps(self, t: Scalar, z: Molecule, mask: NodeMask) -> Molecule:
+        good = self.good.eps(t, z, mask)
+
+        def guided():
+            bad = self.bad.eps(t, z, mask)
+            return bad + self.weight * (good - bad)
+
+        return jax.lax.cond(self.guided_at(t), guided, lambda: good)
+
+    def __call__(self, t: Scalar, z: Molecule, mask: NodeMask) -> Molecule:
+        alpha, sigma = self.sde.marginal(t)
+        return eps_to_x0(self.eps(t, z, mask), z, alpha, sigma)

@@ -153,3 +153,82 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     pf = _recipe("pf_ode_sample")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pf.main(pf.Config(checkpoint=tmp_path / "nope.eqx", out_dir=tmp_path))
+
+
+def test_sample_recipe_with_autoguidance(trained, tmp_path):
+    """--guide.*: a guide identical to the model changes nothing (D_bad + w (D - D_bad) = D), bit for bit, at any
+    weight; another guide changes the molecules and is recorded; a guide of another SDE, a weight without a
+    guide and a missing guide file are refused with the flag named."""
+    import equinox as eqx
+
+    from sde_mol.run.build import build_sde_from
+    from sde_mol.run.configs import GuideConfig, to_dict
+
+    _, cfg, out = trained
+    sample = _recipe("sample")
+    base = sample.GenerateConfig(
+        checkpoint=out / "best.eqx",
+        sampler=SamplerConfig("reverse_sde", steps=4),
+        n_samples=3,
+        batch_size=3,
+        buckets=(29,),
+        out_dir=tmp_path / "plain",
+        novelty=False,
+    )
+    sample.main(base)
+    same = replace(base, guide=GuideConfig(out / "best.eqx", weight=3.0), out_dir=tmp_path / "self")
+    sample.main(same)
+    plain, selfg = (
+        io.read_molecules(tmp_path / "plain" / "samples.sdf"),
+        io.read_molecules(tmp_path / "self" / "samples.sdf"),
+    )
+    np.testing.assert_array_equal(plain[1], selfg[1])
+    np.testing.assert_allclose(plain[0], selfg[0], atol=1e-4)  # SDF keeps 4 decimals
+    raw = replace(base, guide=GuideConfig(out / "last.eqx", weight=3.0), which="model", out_dir=tmp_path / "raw")
+    sample.main(raw)
+    assert not np.allclose(io.read_molecules(tmp_path / "raw" / "samples.sdf")[0], plain[0], atol=1e-3)
+    recorded = json.loads((tmp_path / "raw" / "config.json").read_text())["guide"]
+    assert recorded == json.loads(json.dumps(to_dict(raw.guide), default=str))
+    assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["guide"] == recorded
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["guide"] is None
+    # refused: a guide on another SDE (T = 200), a weight without a guide, a missing guide
+    den, spec, header = load_denoiser(out / "best.eqx")
+    other = tmp_path / "t200.eqx"
+    t200 = replace(spec, sde=replace(spec.sde, timesteps=200))
+    den200 = eqx.tree_at(lambda d: d.sde, den, build_sde_from(t200.sde))
+    checkpoint.save(other, den200, kind="denoiser", config={"spec": to_dict(t200)})
+    with pytest.raises(UsageError, match=r"--guide.checkpoint .*t200.eqx: its dataset / SDE .* differ"):
+        sample.main(replace(base, guide=GuideConfig(other, weight=2.0), out_dir=tmp_path / "x"))
+    # ... while on the continuous twins (--continuous-time) T = 200 and T = 1000 are the same process
+    sample.main(replace(base, guide=GuideConfig(other, weight=2.0), continuous_time=True, out_dir=tmp_path / "twin"))
+    assert json.loads((tmp_path / "twin" / "metrics.json").read_text())["n_molecules"] == 3
+    with pytest.raises(UsageError, match="--guide.weight"):
+        sample.main(replace(base, guide=GuideConfig(weight=2.0), out_dir=tmp_path / "y"))
+    with pytest.raises(FileNotFoundError, match="--guide.checkpoint .*nope.eqx does not exist"):
+        sample.main(replace(base, guide=GuideConfig(tmp_path / "nope.eqx", weight=2.0), out_dir=tmp_path / "z"))
+
+
+def test_sample_recipe_default_guidance_belongs_to_the_default_model(trained, tmp_path, capsys):
+    """recipes/sample.py guides the default model with its recommended guide (shipped files); another checkpoint is
+    sampled unguided, with a note; --guide.checkpoint None turns the default guidance off; an explicit guide
+    stays."""
+    from sde_mol.run.configs import GuideConfig
+
+    _, _, out = trained
+    sample = _recipe("sample")
+    assert sample.Config().guide == sample.RECOMMENDED_GUIDE and sample.RECOMMENDED_GUIDE.checkpoint.is_file()
+    assert checkpoint.read_header(sample.RECOMMENDED_GUIDE.checkpoint)["kind"] == "denoiser"
+
+    def resolved(cfg):
+        capsys.readouterr()
+        sample.main(replace(cfg, dry_run=True))
+        text = capsys.readouterr().out
+        return text, json.loads(text[text.index("{") :])["guide"]
+
+    text, guide = resolved(sample.Config(checkpoint=out / "best.eqx"))
+    assert "sampled unguided" in text and guide["checkpoint"] is None and guide["weight"] == 1.0
+    off = replace(sample.RECOMMENDED_GUIDE, checkpoint=None)
+    assert resolved(sample.Config(guide=off))[1] == {"checkpoint": None, "weight": 1.0, "t_low": 0.0, "t_high": None}
+    mine = GuideConfig(out / "last.eqx", weight=2.0)
+    assert resolved(sample.Config(checkpoint=out / "best.eqx", guide=mine))[1]["weight"] == 2.0
+    assert resolved(sample.Config())[1]["weight"] == sample.RECOMMENDED_GUIDE.weight

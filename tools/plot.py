@@ -8,9 +8,9 @@ Usage:
     # (b') the same files as a markdown table (NFE, method, stability, validity, V&U, novelty, molecules/s)
     python tools/plot.py table samples/*/metrics.json --out table.md
     # (c) bond-length histograms of samples against QM9's train split, per bond type (C-H, C-C, C=O, ...)
-    python tools/plot.py bonds samples/reverse_sde_500/samples.sdf --out bonds.png
+    python tools/plot.py bonds samples/reverse_sde_500_guided/samples.sdf --out bonds.png
     # (d) an RDKit grid image of the first molecules of a file (2D depictions of their largest fragment)
-    python tools/plot.py grid samples/reverse_sde_500/samples.sdf --out grid.png
+    python tools/plot.py grid samples/reverse_sde_500_guided/samples.sdf --out grid.png
 
 In (b) a method is the run's --label (recipes/sample.py), else the sampler name (and the checkpoint, when the
 files come from several): its points are joined in order of NFE, stability and validity on the left axis,

@@ -68,6 +68,14 @@ def build_sde_from(cfg: SDEConfig) -> AbstractSDE:
     raise ValueError(f"unknown SDE {cfg.name!r}; expected one of {SDEConfig.__annotations__['name'].__args__}")
 
 
+def sde_identity(cfg: SDEConfig) -> tuple:
+    """The fields of an SDE config that `build_sde_from` reads for its SDE: two configs with the same identity
+    build the same process (e.g. a continuous twin's leftover `timesteps` does not count)."""
+    fields = {"vp_discrete": ("timesteps", "power", "precision"), "vp_polynomial": ("power", "precision")}
+    fields |= {"vp_cosine": (), "ve": ("sigma_min", "sigma_max"), "karras": ("sigma_min", "sigma_max")}
+    return (cfg.name, *(getattr(cfg, f) for f in fields[cfg.name]))
+
+
 def continuous_sde_config(cfg: SDEConfig) -> SDEConfig:
     """The continuous-time twin of an SDE config: EDM's discrete table `vp_discrete` becomes `vp_polynomial`
     (the same polynomial schedule, power and precision, in continuous time; see `sde.DiscreteVPSDE`); every

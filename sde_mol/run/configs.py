@@ -119,6 +119,22 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class GuideConfig:
+    """Autoguidance (`denoisers.GuidedDenoiser`): guide the sampled model with a weaker one of the same data and
+    SDE, D = D_guide + weight (D_model - D_guide), at times in [t_low, t_high]."""
+
+    checkpoint: Path | None = None
+    """the weaker model (a denoiser or train_state checkpoint, e.g. checkpoints/edm_qm9_small.eqx); None: no
+    guidance"""
+    weight: float = 1.0
+    """guidance weight w (1 = the model alone; > 1 extrapolates away from the guide)"""
+    t_low: float = 0.0
+    t_high: float | None = None
+    """guidance acts at diffusion times t_low <= t <= t_high only (the model alone elsewhere); None: no upper
+    bound"""
+
+
+@dataclass(frozen=True)
 class ConsistencyLossConfig:
     """The consistency loss (`objectives.consistency.ConsistencyLoss`): distance, weighting, interval index."""
 

@@ -8,10 +8,12 @@ import equinox as eqx
 import jax.random as jr
 
 from .. import checkpoint
-from ..denoisers import AbstractDenoiser
+from ..cli import UsageError
+from ..denoisers import AbstractDenoiser, GuidedDenoiser
+from ..latent import is_latent
 from ..training.state import TrainState, init_state
-from .build import build_denoiser, optimizer_from
-from .configs import ModelSpec, OptimConfig, from_dict
+from .build import build_denoiser, continuous_sde_config, continuous_teacher, optimizer_from, sde_identity
+from .configs import GuideConfig, ModelSpec, OptimConfig, from_dict
 
 
 def denoiser_skeleton(spec: ModelSpec) -> AbstractDenoiser:
@@ -47,3 +49,42 @@ def train_state_skeleton(spec: ModelSpec, config: dict) -> TrainState:
         return init_state(den, optimizer_from(optim), with_target=with_target)
 
     return eqx.filter_eval_shape(make)
+
+
+def with_guide(
+    denoiser: AbstractDenoiser,
+    spec: ModelSpec,
+    guide: GuideConfig,
+    *,
+    continuous_time: bool = False,
+    which: Literal["ema", "model"] = "ema",
+) -> AbstractDenoiser:
+    """`denoiser` (of `spec`) guided by the weaker model `guide.checkpoint` (`denoisers.GuidedDenoiser`), or
+    `denoiser` itself without one. `continuous_time`: the sampled model runs on the continuous twin of its
+    schedule, and so does the guide. Refused with the flag named: a weight or interval without a guide, a
+    missing file, a latent model, a reversed interval, a guide of another dataset or SDE."""
+    upper = float("inf") if guide.t_high is None else guide.t_high
+    if guide.checkpoint is None:
+        if guide.weight != 1.0 or guide.t_low != 0.0 or guide.t_high is not None:
+            raise UsageError("--guide.weight / --guide.t-low / --guide.t-high: give the guide with --guide.checkpoint")
+        return denoiser
+    path = Path(guide.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"--guide.checkpoint {path} does not exist")
+    header = checkpoint.read_header(path)
+    if is_latent(header):
+        raise UsageError(f"--guide.checkpoint {path} is a latent model; the guide must be a denoiser")
+    if not guide.t_low <= upper:
+        raise UsageError(f"--guide.t-low {guide.t_low} / --guide.t-high {guide.t_high}: expected t_low <= t_high")
+    gspec = from_dict(ModelSpec, header["config"]["spec"])
+    sde = continuous_sde_config(gspec.sde) if continuous_time else gspec.sde
+    if gspec.dataset != spec.dataset or sde_identity(sde) != sde_identity(spec.sde):
+        raise UsageError(
+            f"--guide.checkpoint {path}: its dataset / SDE ({gspec.dataset}, {sde}) differ from the sampled "
+            f"model's ({spec.dataset}, {spec.sde}); the guide must share the model's dataset and SDE"
+            + ("" if continuous_time else " (--continuous-time compares their continuous twins)")
+        )
+    model, gspec, _ = load_denoiser(path, which=which)
+    if continuous_time:
+        model, _ = continuous_teacher(model, gspec)
+    return GuidedDenoiser(denoiser, model, guide.weight, guide.t_low, upper)

@@ -37,7 +37,8 @@ from ..denoisers import AbstractDenoiser
 from ..host_memory import release_freed_memory
 from ..objectives.progressive import LevelledState, ProgressiveDistillation
 from ..sde import AbstractSDE
-from .configs import ModelSpec, SamplerConfig, to_dict
+from .configs import GuideConfig, ModelSpec, SamplerConfig, to_dict
+from .load import with_guide
 from .recipe import checkpoint_teacher, score_sampler
 
 ETA = {"ddim": 0.0, "ddpm": 1.0, "ddpm_mean": 1.0}
@@ -90,13 +91,14 @@ def teacher_probe(
     first_teacher: Path | None,
     continuous_time: bool,
     teacher_step: StepKind,
+    guide: GuideConfig = GuideConfig(),
     target: StepKind,
     n: int,
     seed: int,
 ) -> dict | None:
     """The probe metrics of the 2N-step teacher of an N-step student: the earlier students.json row when it was
     scored, else the teacher sampled now (round r - 1's student_<2N>steps.eqx, or for the first round
-    `first_teacher` with its own step kind). None for an exact-oracle teacher (`first_teacher` None)."""
+    `first_teacher` with its own step kind and `guide`). None for an exact-oracle teacher (`first_teacher` None)."""
     for row in read_rows(out_dir / "students.json"):
         if row.get("student_steps") == 2 * n_steps and "molecule_stability" in row:
             return {k: row[k] for k in metrics.SAMPLE_METRICS if k in row}
@@ -106,6 +108,7 @@ def teacher_probe(
         sampler = student_sampler(2 * n_steps, target)
     elif first_teacher is not None:
         den, spec, autoencoder, _ = checkpoint_teacher(first_teacher, continuous_time=continuous_time, latent_ok=True)
+        den = with_guide(den, spec, guide, continuous_time=continuous_time)
         sampler = student_sampler(2 * n_steps, teacher_step)
     else:
         return None
@@ -191,6 +194,11 @@ class TrajectoryConfig:
     """training batches fed by one generated batch of chains (each row at another level each time)"""
 
 
+def copied(tree):
+    """`tree` with every array copied: a module that must outlive a training step which donates its buffers."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
+
+
 def round_batches(
     data: Callable[[int], Iterator],
     objective: ProgressiveDistillation,
@@ -213,7 +221,7 @@ def round_batches(
         )
     if cfg.fraction == 0.0:
         return data
-    teacher = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, teacher)
+    teacher = copied(teacher)
     f, per_chain = Fraction(cfg.fraction).limit_denominator(1000), min(cfg.reuse, n_steps)
     base = jr.fold_in(jr.PRNGKey(seed), round_start)
 

@@ -27,8 +27,8 @@ from ..compile_cache import enable_compile_cache
 from ..data.qm9 import QM9_BUCKETS
 from ..samplers import compile_sampler, sample_molecules
 from .build import build_sampler, continuous_teacher, dataset_info
-from .configs import SamplerConfig, from_dict, to_dict
-from .load import load_denoiser
+from .configs import GuideConfig, SamplerConfig, from_dict, to_dict
+from .load import load_denoiser, with_guide
 
 RECOMMENDED_SAMPLER = SamplerConfig(sampler="reverse_sde", steps=500)
 """The default sampler: EDM's models are limited by the network, not the sampler, from ~500 stochastic steps
@@ -40,6 +40,8 @@ class GenerateConfig:
     checkpoint: Path
     """an sde_mol checkpoint (.eqx): a denoiser, or a training state (its EMA model)"""
     sampler: SamplerConfig = field(default_factory=lambda: RECOMMENDED_SAMPLER)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    """autoguidance by a weaker model (--guide.checkpoint, --guide.weight); off by default"""
     continuous_time: bool = False
     """sample an EDM discrete-table model (vp_discrete) on its continuous twin (the same network on the
     continuous polynomial schedule), so that any step count and grid is exact; other SDEs are unchanged"""
@@ -111,6 +113,8 @@ def generate(cfg: GenerateConfig) -> dict:
         cfg = dataclasses.replace(cfg, sampler=own)
         resolved = to_dict(cfg)
     if latent.is_latent(checkpoint.read_header(Path(cfg.checkpoint))):  # sample latents, decode them
+        if cfg.guide.checkpoint is not None:
+            raise UsageError(f"--guide.checkpoint: {cfg.checkpoint} is a latent model; guidance needs a denoiser")
         if cfg.continuous_time:
             raise UsageError(f"--continuous-time: {cfg.checkpoint} is a latent model; its SDE is already continuous")
         sampler_fn, spec, header = latent.load_latent_sampler(Path(cfg.checkpoint), cfg.sampler, which=cfg.which)
@@ -120,6 +124,7 @@ def generate(cfg: GenerateConfig) -> dict:
         _check_parametrisation(spec.denoiser.parametrisation, cfg)
         if cfg.continuous_time:
             denoiser, spec = continuous_teacher(denoiser, spec)
+        denoiser = with_guide(denoiser, spec, cfg.guide, continuous_time=cfg.continuous_time, which=cfg.which)
         info = dataset_info(spec.dataset)
         sampler_fn = build_sampler(cfg.sampler, denoiser, info.n_feat)
     _check_distilled_sampler(header, cfg.sampler)
@@ -156,6 +161,7 @@ def generate(cfg: GenerateConfig) -> dict:
     result["checkpoint"] = str(cfg.checkpoint)
     result["checkpoint_step"] = header.get("step")
     result["sampler"] = to_dict(cfg.sampler)
+    result["guide"] = None if cfg.guide.checkpoint is None else to_dict(cfg.guide)
     result["label"] = cfg.label or None
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
@@ -205,9 +211,10 @@ def _check_parametrisation(parametrisation: str, cfg: GenerateConfig) -> None:
 
 
 def default_out_dir(cfg: GenerateConfig) -> Path:
-    """samples/<sampler>_<steps>[_twin]: runs of different samplers do not overwrite each other."""
+    """samples/<sampler>_<steps>[_twin][_guided]: runs of different samplers do not overwrite each other."""
     twin = "_twin" if cfg.continuous_time else ""
-    return Path("samples") / f"{cfg.sampler.sampler}_{cfg.sampler.steps}{twin}"
+    guided = "_guided" if cfg.guide.checkpoint is not None else ""
+    return Path("samples") / f"{cfg.sampler.sampler}_{cfg.sampler.steps}{twin}{guided}"
 
 
 def own_sampler(header: dict) -> SamplerConfig | None:
@@ -257,5 +264,8 @@ def metrics_table(result: dict) -> str:
             continue
         rows.append(f"{k:<20} {v:>8}" if k.startswith("n_") else f"{k:<20} {100 * v:7.2f} %")
     rows.append(f"{'nfe':<20} {result['nfe']:8.1f}")
+    if result.get("guide"):
+        g = result["guide"]
+        rows.append(f"{'guide':<20} {g['checkpoint']} (weight {g['weight']}, t in [{g['t_low']}, {g['t_high']}])")
     rows.append(f"{'molecules/s':<20} {result['molecules_per_second']:8.2f}")
     return "\n".join(rows)
