@@ -13,6 +13,8 @@ Usage (checkpoints/student_pd.md: the shipped students and their run):
     python recipes/sample.py --checkpoint runs/pd_qm9/student_4steps.eqx          # DDIM at its own 4 steps
     python recipes/progressive_distill.py --teacher runs/pd_qm9/student_64steps.eqx --teacher-steps 64 --rounds 4 \
         --steps-per-round 400 --trajectory.fraction 0.5 --out-dir runs/pd_traj  # half the states from the chains
+    python recipes/progressive_distill.py --continuous-time --teacher-steps 64 --rounds 4 --guide.checkpoint \
+        checkpoints/edm_qm9_small.eqx --guide.weight 3 --guide.t-high 0.6 --out-dir runs/pd_guided  # guided round 0
     python recipes/progressive_distill.py --teacher runs/ldm_qm9/last.eqx --out-dir runs/pd_latent
     python recipes/progressive_distill.py --teacher oracle:16 --teacher-steps 16 --rounds 2 \
         --steps-per-round 200 --spec.model.hidden 16 --spec.model.n-layers 2 --out-dir runs/pd_oracle

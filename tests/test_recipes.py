@@ -202,6 +202,10 @@ def test_sample_recipe_with_autoguidance(trained, tmp_path):
     # ... while on the continuous twins (--continuous-time) T = 200 and T = 1000 are the same process
     sample.main(replace(base, guide=GuideConfig(other, weight=2.0), continuous_time=True, out_dir=tmp_path / "twin"))
     assert json.loads((tmp_path / "twin" / "metrics.json").read_text())["n_molecules"] == 3
+    foreign = tmp_path / "ae.eqx"
+    checkpoint.save(foreign, {"w": np.zeros(2, np.float32)}, kind="autoencoder", config={"spec": to_dict(spec)})
+    with pytest.raises(UsageError, match=r"--guide.checkpoint .*ae.eqx: its kind is 'autoencoder'"):
+        sample.main(replace(base, guide=GuideConfig(foreign, weight=2.0), out_dir=tmp_path / "w"))
     with pytest.raises(UsageError, match="--guide.weight"):
         sample.main(replace(base, guide=GuideConfig(weight=2.0), out_dir=tmp_path / "y"))
     with pytest.raises(FileNotFoundError, match="--guide.checkpoint .*nope.eqx does not exist"):

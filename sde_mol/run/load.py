@@ -72,8 +72,10 @@ def with_guide(
     if not path.is_file():
         raise FileNotFoundError(f"--guide.checkpoint {path} does not exist")
     header = checkpoint.read_header(path)
-    if is_latent(header):
-        raise UsageError(f"--guide.checkpoint {path} is a latent model; the guide must be a denoiser")
+    if is_latent(header) or header["kind"] not in ("denoiser", "train_state"):
+        raise UsageError(
+            f"--guide.checkpoint {path}: its kind is {header['kind']!r}; the guide must be a denoiser or train_state"
+        )
     if not guide.t_low <= upper:
         raise UsageError(f"--guide.t-low {guide.t_low} / --guide.t-high {guide.t_high}: expected t_low <= t_high")
     gspec = from_dict(ModelSpec, header["config"]["spec"])
