@@ -32,6 +32,8 @@ DEFAULT_CHECKPOINT = CHECKPOINTS / "edm_qm9_finetuned.eqx"
 RECOMMENDED_GUIDE = GuideConfig(CHECKPOINTS / "edm_qm9_small.eqx", weight=3.0, t_high=0.6)
 """The default model's recommended autoguidance (checkpoints/edm_qm9_finetuned.md): the small CPU model as guide,
 weight 3, at t <= 0.6. It belongs to the default model and is used only with it."""
+FEWEST_GUIDED_STEPS = 64
+"""Below this many sampler steps the recommended guidance was measured to lower quality (a note says so)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ def main(cfg: Config) -> dict:
     if cfg.guide == RECOMMENDED_GUIDE and Path(cfg.checkpoint).resolve() != DEFAULT_CHECKPOINT:
         print(f"note: the recommended guide belongs to the default model; {cfg.checkpoint} is sampled unguided")
         cfg = replace(cfg, guide=GuideConfig())
+    if cfg.guide == RECOMMENDED_GUIDE and cfg.sampler.steps < FEWEST_GUIDED_STEPS:
+        print(
+            f"note: the default model's autoguidance was measured to help from ~{FEWEST_GUIDED_STEPS} steps on and to "
+            "hurt below (checkpoints/edm_qm9_finetuned.md); --guide.checkpoint None samples it unguided"
+        )
     return generate(cfg)
 
 

@@ -236,3 +236,6 @@ def test_sample_recipe_default_guidance_belongs_to_the_default_model(trained, tm
     mine = GuideConfig(out / "last.eqx", weight=2.0)
     assert resolved(sample.Config(checkpoint=out / "best.eqx", guide=mine))[1]["weight"] == 2.0
     assert resolved(sample.Config())[1]["weight"] == sample.RECOMMENDED_GUIDE.weight
+    few = replace(sample.Config().sampler, steps=sample.FEWEST_GUIDED_STEPS - 1)
+    assert "measured to help from" in resolved(sample.Config(sampler=few))[0]
+    assert "measured to help from" not in resolved(sample.Config())[0]
