@@ -108,24 +108,22 @@ def main(cfg: Config) -> list[dict]:
         return []
     n = rr.parse_count(cfg.teacher, "oracle", "--teacher")
     if n is not None:
-        oracle, student, batches = rr.oracle_teacher(
+        fixed, student, batches = rr.oracle_teacher(
             n, cfg.spec, atoms=cfg.oracle_atoms, rotations=cfg.oracle_rotations, init_seed=cfg.init_seed,
             data=cfg.data, data_seed=cfg.train.seed,
         )  # fmt: skip
         spec, autoencoder, extra = cfg.spec, None, {}
     else:  # the student starts as a copy of the teacher
-        oracle, batches = None, rr.qm9_batches(cfg.data, seed=cfg.train.seed)
+        fixed, batches = None, rr.qm9_batches(cfg.data, seed=cfg.train.seed)  # round 0 teaches from the target
         student, spec, autoencoder, extra = rr.checkpoint_teacher(
             Path(cfg.teacher), continuous_time=cfg.continuous_time, latent_ok=True
         )
         if cfg.guide.checkpoint is not None:  # round 0's teacher: a guided copy (the state's buffers are donated)
             if autoencoder is not None:
                 raise cli.UsageError(f"--guide.checkpoint: the teacher {cfg.teacher} is a latent model")
-            oracle = with_guide(rp.copied(student), spec, cfg.guide, continuous_time=cfg.continuous_time)
+            fixed = with_guide(rp.copied(student), spec, cfg.guide, continuous_time=cfg.continuous_time)
     sde, etas = rp.check_resolution(student.sde, cfg.teacher_steps), (rp.ETA[cfg.sampler], rp.ETA[cfg.target])
-    objective = pd = ProgressiveDistillation(
-        sde, schedule, oracle, *etas, cfg.eps_below_snr, cfg.sampler != "ddpm_mean"
-    )
+    objective = pd = ProgressiveDistillation(sde, schedule, fixed, *etas, cfg.eps_below_snr, cfg.sampler != "ddpm_mean")
     if autoencoder is not None:
         objective = LatentObjective(pd, autoencoder)
     optimizer = rp.halving_optimizer(optimizer_from(cfg.optim), cfg.steps_per_round if cfg.lr_decay else None)
@@ -151,7 +149,7 @@ def main(cfg: Config) -> list[dict]:
     for r in range(int(state.step) // cfg.steps_per_round, cfg.rounds):
         start, end, n_steps = r * cfg.steps_per_round, (r + 1) * cfg.steps_per_round, schedule.steps_of_round(r)
         minutes = None if deadline is None else max((deadline - time.perf_counter()) / 60, 1e-3)
-        teacher = oracle if r == 0 and oracle is not None else state.target_model  # the round's teacher
+        teacher = fixed if r == 0 and fixed is not None else state.target_model  # the round's teacher
         round_data = rp.round_batches(batches, pd, teacher, cfg.trajectory, n_steps=n_steps, round_start=start,
                                       n_feat=n_feat, seed=cfg.train.seed + 3)  # fmt: skip
         state = rr.fit(

@@ -47,11 +47,8 @@ class Config(GenerateConfig):
 
 
 def main(cfg: Config) -> dict:
-    if (
-        replace(cfg.guide, checkpoint=RECOMMENDED_GUIDE.checkpoint) == RECOMMENDED_GUIDE
-        and cfg.guide.checkpoint is None
-    ):
-        cfg = replace(cfg, guide=GuideConfig())  # --guide.checkpoint None: unguided
+    if cfg.guide == replace(RECOMMENDED_GUIDE, checkpoint=None):  # --guide.checkpoint None alone: unguided
+        cfg = replace(cfg, guide=GuideConfig())
     if cfg.guide == RECOMMENDED_GUIDE and Path(cfg.checkpoint).resolve() != DEFAULT_CHECKPOINT:
         print(f"note: the recommended guide belongs to the default model; {cfg.checkpoint} is sampled unguided")
         cfg = replace(cfg, guide=GuideConfig())

@@ -243,7 +243,7 @@ class GuidedDenoiser(AbstractDenoiser):
 
     Guidance acts at times t_low <= t <= t_high only (guidance in a limited interval, Kynkaenniemi et al. 2024);
     elsewhere the good denoiser runs alone and the bad one is not evaluated. Both parts must share the SDE
-    (`run.sample.guided_denoiser` checks it); this module lives on `good.sde`."""
+    (`run.load.with_guide` checks it); this module lives on `good.sde`."""
 
     good: AbstractDenoiser
     bad: AbstractDenoiser
