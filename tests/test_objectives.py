@@ -91,6 +91,30 @@ def test_edm_loss_gradient_reaches_only_the_network(ref, fixture_npz):
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
 
 
+def test_low_noise_mixture_draws(ref):
+    """p = 0 is EDM's uniform draw, key for key; p > 0 puts a share p + (1 - p) (k + 1) / (T + 1) of the steps at
+    t_int <= k = floor(T t_max), uniformly there, and still reaches every step above; bad settings are refused."""
+    _, info, _ = ref
+    keys = jr.split(jr.key(3), 40_000)
+    edm = jax.vmap(EDMEpsLoss(info, timesteps=1000).draw_step)(keys)
+    np.testing.assert_array_equal(edm, jax.vmap(lambda k: jr.randint(k, (), 0, 1001))(keys))
+    draws = np.asarray(jax.vmap(EDMEpsLoss(info, low_noise_fraction=0.5, low_noise_t_max=0.1).draw_step)(keys))
+    low = draws <= 100
+    want = 0.5 + 0.5 * 101 / 1001
+    assert abs(low.mean() - want) < 4 * np.sqrt(want * (1 - want) / draws.size)  # 4 standard errors
+    assert draws.min() == 0 and draws.max() == 1000
+    counts = np.bincount(draws[low], minlength=101)  # uniform on 0..100: every step drawn, none twice as often
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+    above = np.bincount(draws[~low] - 101, minlength=900)
+    assert abs(above[:450].sum() - above[450:].sum()) < 4 * np.sqrt(above.sum())  # uniform above t_max
+    for bad in ({"low_noise_fraction": 1.5}, {"low_noise_fraction": -0.1}):
+        with pytest.raises(ValueError, match="low_noise_fraction"):
+            EDMEpsLoss(info, **bad)
+    for bad in (0.0, 1.2, 0.0005):
+        with pytest.raises(ValueError, match="low_noise_t_max"):
+            EDMEpsLoss(info, low_noise_fraction=0.5, low_noise_t_max=bad)
+
+
 # --- closed forms for Gaussian data -----------------------------------------------------------------------
 
 

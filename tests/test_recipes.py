@@ -90,6 +90,34 @@ def test_init_from_carries_the_network_over_to_another_sde(trained, tmp_path):
         train_edm.main(replace(ft, spec=replace(spec, model=ModelConfig(hidden=16, n_layers=1))))
 
 
+def test_low_noise_loss_is_stored_and_kept_on_resume(trained, tmp_path):
+    """--loss.* reaches the header of a run that sets it; resuming it with other loss settings (or EDM's) is
+    refused, with the same settings it continues; a run on EDM's loss keeps headers without the key."""
+    train_edm, cfg, out = trained
+    assert "loss" not in checkpoint.read_header(out / "last.eqx")["config"]
+    start = checkpoint.read_header(out / "last.eqx")["step"]
+    low = train_edm.EpsLossConfig(low_noise_fraction=0.5, low_noise_t_max=0.2)
+    ft = replace(
+        cfg,
+        init_from=out / "last.eqx",
+        loss=low,
+        train=replace(cfg.train, steps=start + 2),
+        eval=replace(cfg.eval, n_samples=0),
+        out_dir=tmp_path / "low",
+    )
+    train_edm.main(ft)
+    last = tmp_path / "low" / "last.eqx"
+    assert checkpoint.read_header(last)["config"]["loss"] == {"low_noise_fraction": 0.5, "low_noise_t_max": 0.2}
+    resumed = replace(ft, init_from=None, resume=last, train=replace(ft.train, steps=start + 4))
+    for other in (train_edm.EpsLossConfig(), replace(low, low_noise_t_max=0.1)):
+        with pytest.raises(UsageError, match="loss settings"):
+            train_edm.main(replace(resumed, loss=other))
+    train_edm.main(resumed)
+    assert checkpoint.read_header(last)["step"] == start + 4
+    preset = train_edm.PRESETS["qm9-finetune-low-noise"][1]  # the preset continues the default model
+    assert preset.loss.low_noise_fraction > 0 and preset.init_from.name == "edm_qm9_finetuned.eqx"
+
+
 def test_pf_ode_sample_recipe(trained, tmp_path):
     _, _, out = trained
     pf = _recipe("pf_ode_sample")

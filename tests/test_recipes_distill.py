@@ -16,7 +16,7 @@ from helpers import load_recipe
 from sde_mol import checkpoint
 from sde_mol.latent import AutoencoderConfig, load_autoencoder, load_latent
 from sde_mol.run.build import build_denoiser
-from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, SamplerConfig, to_dict
+from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, to_dict
 from sde_mol.run.load import load_denoiser
 from sde_mol.run.progressive import TrajectoryConfig
 from sde_mol.training.loop import LoopConfig
@@ -313,3 +313,60 @@ def test_nfe_table_and_pd_levels_on_a_tiny_run(tiny_teacher, tmp_path):
         (False, 2, 0), (False, 2, 4), (True, 2, 0), (True, 2, 4)
     ]  # fmt: skip
     assert [r["nfe"] for r in rows] == [3, 6, 3, 6] and all(0 <= r["atom_stability"] <= 1 for r in rows)
+
+
+def test_dmd_distill_trains_both_networks_resumes_and_samples(tiny_teacher, tmp_path, capsys):
+    """dmd_distill.py: the 2-step generator moves from the teacher's weights; an
+    interrupted run resumes to the same step count; other settings cannot resume it; the student's header makes
+    recipes/sample.py use DDIM eta 1 at its 2 steps; bad levels are refused before anything is written."""
+    from sde_mol.cli import UsageError
+    from sde_mol.run.configs import GuideConfig
+
+    dmd = _recipe("dmd_distill")
+    cfg = dmd.Config(
+        teacher=tiny_teacher,
+        steps=2,
+        data=DataConfig(batch_size=4, n_train=16, buckets=(20, 29)),
+        train=LoopConfig(steps=3, log_every=1, ckpt_every=1, eval_at_start=True),
+        optim=OptimConfig(lr=1e-3, ema_decay=0.0, clip="1.0"),
+        eval_samples=2,
+        out_dir=tmp_path / "run",
+    )
+    dmd.main(replace(cfg, train=replace(cfg.train, max_minutes=1e-9)))  # stops after one step
+    assert checkpoint.read_header(tmp_path / "run" / "last.eqx")["step"] == 1
+    result = dmd.main(replace(cfg, resume=tmp_path / "run" / "last.eqx"))
+    assert result["step"] == 3 and 0 <= result["student_metrics"]["atom_stability"] <= 1
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dmd" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["fake"]) for r in rows if "fake" in r)
+    # the curve: the generator before training (the teacher's chain) and at the last step, same molecules
+    evals = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 3] and all(0 <= r["eval"]["validity"] <= 1 for r in evals)
+    teacher, _, _ = load_denoiser(tiny_teacher)
+    student, spec, header = load_denoiser(tmp_path / "run" / "student_2steps.eqx")
+    assert spec.sde.name == "vp_polynomial"
+    own = to_dict(SamplerConfig("ddim", steps=2, eta=1.0, grid="karras"))
+    assert header["config"]["distillation"]["sampler"] == own
+    assert not all(
+        np.allclose(a, b) for a, b in zip(jax.tree.leaves(student.net), jax.tree.leaves(teacher.net), strict=True)
+    )
+    with pytest.raises(ValueError, match="steps"):
+        dmd.main(replace(cfg, steps=4, resume=tmp_path / "run" / "last.eqx"))
+    sample = _recipe("sample")
+    capsys.readouterr()
+    sample.main(
+        sample.GenerateConfig(
+            checkpoint=tmp_path / "run" / "student_2steps.eqx", n_samples=2, batch_size=2, buckets=(),
+            out_dir=tmp_path / "s", novelty=False,
+        )
+    )  # fmt: skip
+    assert "own sampler: ddim, 2 steps, eta 1.0" in capsys.readouterr().out  # on its Karras grid
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["nfe"] == 3
+    for bad in ({"steps": 0}, {"t_low": 0.5, "t_high": 0.4}):
+        with pytest.raises(UsageError, match="--steps"):
+            dmd.main(replace(cfg, out_dir=tmp_path / "bad", **bad))
+    with pytest.raises(UsageError, match="--guide.checkpoint"):
+        dmd.main(replace(cfg, out_dir=tmp_path / "bad", guide=GuideConfig(weight=3.0)))
+    with pytest.raises(FileNotFoundError, match="--teacher"):
+        dmd.main(replace(cfg, out_dir=tmp_path / "bad", teacher=tmp_path / "missing.eqx"))
+    assert not (tmp_path / "bad").exists()

@@ -53,11 +53,27 @@ def eps_error(
 
 
 class EDMEpsLoss(AbstractObjective):
-    """EDM's training loss (eps-prediction, L2, SNR weight 1, t = 0 likelihood branch)."""
+    """EDM's training loss (eps-prediction, L2, SNR weight 1, t = 0 likelihood branch).
+
+    `low_noise_fraction` p > 0 draws each molecule's step from U{0..floor(T t_max)} with probability p and from
+    U{0..T} otherwise (t_max = `low_noise_t_max`): the low-noise levels get (1 - p) + p / t_max times their
+    usual share of the gradient, the others (1 - p) times. The loss is then a reweighted one, no longer EDM's
+    bound (for fine-tuning the levels that decide atom types and bonds); p = 0 is EDM's loss, draw for draw."""
 
     info: DatasetInfo = eqx.field(static=True)
     timesteps: int = eqx.field(static=True, default=1000)
     n_pad: int | None = eqx.field(static=True, default=None)
+    low_noise_fraction: float = eqx.field(static=True, default=0.0)
+    low_noise_t_max: float = eqx.field(static=True, default=0.1)
+
+    def __check_init__(self):
+        if not 0.0 <= self.low_noise_fraction <= 1.0:
+            raise ValueError(f"EDMEpsLoss: low_noise_fraction {self.low_noise_fraction}: expected a share in [0, 1]")
+        if not 0.0 < self.low_noise_t_max <= 1.0 or int(self.timesteps * self.low_noise_t_max) < 1:
+            raise ValueError(
+                f"EDMEpsLoss: low_noise_t_max {self.low_noise_t_max}: expected a time in (0, 1] of at least one "
+                f"step of T = {self.timesteps}"
+            )
 
     def terms(self, model, x: Molecule, mask: NodeMask, t_int: Array, eps: Molecule) -> dict[str, Float[Array, ""]]:
         """All per-molecule terms for a given step and noise (the fixture's loss_* keys)."""
@@ -89,9 +105,18 @@ class EDMEpsLoss(AbstractObjective):
             "total": l2 + neg_log_pn,
         }
 
+    def draw_step(self, key: Key) -> Array:
+        """One training step index t_int in {0..T} (EDM's uniform draw, or the low-noise mixture)."""
+        if self.low_noise_fraction == 0.0:
+            return jr.randint(key, (), 0, self.timesteps + 1)
+        kc, kt = jr.split(key)
+        low = jr.bernoulli(kc, self.low_noise_fraction)
+        top = jnp.where(low, int(self.timesteps * self.low_noise_t_max), self.timesteps)
+        return jr.randint(kt, (), 0, top + 1)
+
     def loss_one(self, model, mol: Molecule, mask: NodeMask, *, key: Key, step: IntScalar, target=None):
         kt, ke = jr.split(key)
-        t_int = jr.randint(kt, (), 0, self.timesteps + 1)
+        t_int = self.draw_step(kt)
         eps = com_free_normal(ke, mask, mol.n_feat, mol.positions.dtype)
         terms = self.terms(model, mol, mask, t_int, eps)
         return terms["total"], {"l2": 0.5 * terms["error"], "kl_prior": terms["kl_prior"]}

@@ -135,6 +135,17 @@ class GuideConfig:
 
 
 @dataclass(frozen=True)
+class EpsLossConfig:
+    """Which noise levels EDM's eps loss trains on (`objectives.denoising.EDMEpsLoss`)."""
+
+    low_noise_fraction: float = 0.0
+    """share of the molecules whose step is drawn from t <= --loss.low-noise-t-max instead of all of [0, 1]
+    (0: EDM's loss; > 0 reweights it towards the low-noise levels, e.g. for a fine-tune)"""
+    low_noise_t_max: float = 0.1
+    """the top of the low-noise range"""
+
+
+@dataclass(frozen=True)
 class ConsistencyLossConfig:
     """The consistency loss (`objectives.consistency.ConsistencyLoss`): distance, weighting, interval index."""
 

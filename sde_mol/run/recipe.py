@@ -31,6 +31,7 @@ from ..samplers import SamplerFn, buckets_for, sample_molecules
 from ..training.loop import LoopConfig, run_loop
 from ..training.prefetch import host_batches, to_device
 from ..training.state import TrainState, compute_dtype_from, init_state, make_step
+from ..typing import HasNet
 from .build import build_denoiser, build_sampler, continuous_teacher, dataset_info
 from .configs import DataConfig, EvalConfig, ModelSpec, SamplerConfig, from_dict, to_dict
 from .load import load_denoiser, train_state_skeleton
@@ -102,7 +103,7 @@ def checkpoint_teacher(path: Path, *, continuous_time: bool, latent_ok: bool) ->
 
 
 def initial_state(
-    model: AbstractDenoiser,
+    model: HasNet,
     optimizer: optax.GradientTransformation,
     *,
     with_target: bool,
@@ -150,6 +151,11 @@ def diffusion_state(
         stored = from_dict(ModelSpec, stored_header["config"]["spec"])
         if stored != spec:
             raise UsageError(f"{resume}: its model spec {stored} differs from the requested {spec}")
+        if stored_header["config"].get("loss") != header.get("loss"):
+            raise UsageError(
+                f"{resume}: trained with loss settings {stored_header['config'].get('loss') or 'EDM default'}, "
+                f"the requested --loss.* are {header.get('loss') or 'EDM default'} (a run keeps its loss)"
+            )
         state = checkpoint.load(resume, train_state_skeleton(spec, header))
         print(f"resumed from {resume} at step {int(state.step)}")
         return state
