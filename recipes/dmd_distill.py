@@ -104,8 +104,10 @@ def main(cfg: Config) -> dict:
     )
     pair = GeneratorPair(rp.copied(teacher), rp.copied(teacher))  # the state's buffers are donated
     sampler = SamplerConfig("ddim", steps=cfg.steps, eta=1.0, grid=cfg.grid)
-    distillation = {"method": "dmd", "teacher": str(cfg.teacher), "guide": to_dict(cfg.guide)}
-    distillation |= {
+    distillation = {
+        "method": "dmd",
+        "teacher": str(cfg.teacher),
+        "guide": to_dict(cfg.guide),
         "sampler": to_dict(sampler),
         "t_low": cfg.t_low,
         "t_high": cfg.t_high,
@@ -124,8 +126,15 @@ def main(cfg: Config) -> dict:
     print(f"dmd: {count_params(state.model.generator):,} generator + fake parameters each; {cfg.steps}-step generator")
     loop = replace(cfg.train, eval_at_start=cfg.train.eval_at_start and cfg.resume is None)
 
+    scored = {}  # step -> metrics: the loop's evaluation at its last step is the result's, not redone
+
     def evaluate(state):  # the EMA generator at its own sampler: the curve in metrics.jsonl
-        return rr.score_sampler(sampler, state.ema_model.generator, spec, cfg.eval_samples, seed=cfg.train.seed + 2)
+        step = int(state.step)
+        if step not in scored:
+            scored[step] = rr.score_sampler(
+                sampler, state.ema_model.generator, spec, cfg.eval_samples, seed=cfg.train.seed + 2
+            )
+        return scored[step]
 
     state = rr.fit(
         state, objective, optimizer, rr.qm9_batches(cfg.data, seed=cfg.train.seed), loop=loop,
@@ -136,7 +145,6 @@ def main(cfg: Config) -> dict:
     checkpoint.save(path, state.ema_model.generator, kind="denoiser", config=header, step=int(state.step))
     result = {"student": str(path), "step": int(state.step)}
     if cfg.eval_samples:
-        print(f"probe: the student at step {int(state.step)}", flush=True)
         result["student_metrics"] = evaluate(state)
     print(json.dumps(result, indent=2))
     (cfg.out_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -26,13 +26,12 @@ One loss term, for one molecule's mask (the data molecule itself is not used; on
 g is the x0 form of the gradient of KL(p_G,t || p_data,t) at x_t: the score difference s_fake - s_real equals
 alpha_t (F - D) / sigma_t^2, and DMD drops the level's factor for the per-molecule normaliser mean|x - D|. The
 loss is L_G + L_F: L_G reaches only G's weights (F and D are evaluated without gradient), L_F only F's (x is
-stopped), so one optimiser step updates both networks (DMD2 updates F more often than G; `recipes/dmd_distill.py` gives
-F a larger lr instead, `--fake-lr-scale`).
-`GeneratorPair.net` is what the training step differentiates. F is trained only at the levels where it is
-used: below t_low the eps loss of samples off the data's manifold grows like (distance / sigma_t)^2 (sigma ~ 0.003
-at t = 0 on EDM's schedule), and single molecules made it spike to thousands per dimension (measured). The
-teacher may be a `GuidedDenoiser`: G then learns the guided distribution (as DMD distils a classifier-free-
-guided score).
+stopped), so one optimiser step updates both networks (DMD2 updates F more often than G;
+`recipes/dmd_distill.py` gives F a larger lr instead, `--fake-lr-scale`). `GeneratorPair.net` is what the
+training step differentiates. F is trained only at the levels where it is used: below t_low the eps loss of
+samples off the data's manifold grows like (distance / sigma_t)^2 (sigma ~ 0.003 at t = 0 on EDM's schedule),
+and single molecules made it spike to thousands per dimension (measured). The teacher may be a
+`GuidedDenoiser`: G then learns the guided distribution (as DMD distils a classifier-free-guided score).
 
 Which outputs are matched. DMD2 matches the x0 output of every chain step (its "backward simulation"). An EDM
 eps network's x0 at the first steps is (z - sigma eps_hat) / alpha with alpha(t = 1) ~ 0.003: its eps error
@@ -54,6 +53,7 @@ from ..samplers import ddim_step
 from ..schedules import GridSpacing, time_grid
 from ..typing import IntScalar, Key, NodeMask
 from .base import AbstractObjective
+from .denoising import _frozen
 
 
 class GeneratorPair(eqx.Module):
@@ -70,11 +70,6 @@ class GeneratorPair(eqx.Module):
     @property
     def sde(self):
         return self.generator.sde
-
-
-def _frozen(tree):
-    dynamic, static = eqx.partition(tree, eqx.is_inexact_array)
-    return eqx.combine(jax.lax.stop_gradient(dynamic), static)
 
 
 def _mean_abs(a: Molecule, b: Molecule, mask: NodeMask, dim) -> jax.Array:
