@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Quality against NFE: a teacher sampled training-free (DDIM, respaced ancestral steps and PF-ODE heun on a
-# Karras grid, all on its continuous twin), its recommended sampler, and every distilled student found, with the
+# Quality against NFE: a teacher sampled training-free (DDIM, respaced ancestral steps on the uniform and on the
+# Karras grid, PF-ODE heun on the Karras grid, all on its continuous twin), its recommended sampler, and every distilled student found, with the
 # same molecules (seed 0) per row; then the markdown table and the trade-off plot of all rows.
 #
 # Usage: experiments/nfe_table.sh TEACHER OUT [STUDENT.eqx ...]
@@ -42,7 +42,10 @@ for k in $steps; do
         --sampler.sampler ddim --sampler.steps "$k" ${guide[@]+"${guide[@]}"}
     row "ancestral_$k$suffix" "teacher, respaced ancestral$tag" --checkpoint "$teacher" --continuous-time \
         --sampler.sampler ancestral --sampler.steps "$k" ${guide[@]+"${guide[@]}"}
-    if ((k > 1)); then  # heun: two evaluations a step, so k / 2 steps
+    if ((k > 1)); then  # one step is the same on either grid; heun: two evaluations a step, so k / 2 steps
+        row "ancestral_karras_$k$suffix" "teacher, respaced ancestral (Karras grid)$tag" --checkpoint "$teacher" \
+            --continuous-time --sampler.sampler ancestral --sampler.grid karras --sampler.steps "$k" \
+            ${guide[@]+"${guide[@]}"}
         row "heun_karras_$((k / 2))$suffix" "teacher, PF-ODE heun (Karras)$tag" --checkpoint "$teacher" \
             --continuous-time --sampler.sampler pf_ode --sampler.solver heun --sampler.grid karras \
             --sampler.steps $((k / 2)) ${guide[@]+"${guide[@]}"}

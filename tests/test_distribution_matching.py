@@ -111,3 +111,26 @@ def test_dmd_moves_a_generator_onto_the_teacher(n_steps, chain_gradient):
     assert err < 0.05 * err0, (err, err0)
     spread = float(jnp.mean(jnp.std(xs.features[:, :N], axis=0)))  # per entry (features: no CoM constraint)
     np.testing.assert_allclose(spread, 0.3, rtol=0.15)
+
+
+def test_low_noise_levels_share_and_default_draw():
+    """draw_level: p = 0 is DMD's U(t_low, t_high) key for key; with p = 0.5 and t_max = 0.1 a share
+    0.5 + 0.5 (0.1 - t_low) / (t_high - t_low) of the levels lies below 0.1, uniformly there; bad settings
+    are refused."""
+    teacher = _GaussianFamily(_params(_molecule(jr.key(1), 0.5), 0.3), PolynomialVPSDE())
+    keys = jr.split(jr.key(3), 20_000)
+    plain = DistributionMatching(teacher, n_steps=1, t_low=0.02, t_high=0.98)
+    drawn = jax.vmap(plain.draw_level)(keys)
+    expected = jax.vmap(lambda k: jr.uniform(k, (), minval=0.02, maxval=0.98))(keys)
+    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(expected))
+    low = DistributionMatching(teacher, n_steps=1, t_low=0.01, t_high=0.98, low_noise_fraction=0.5)
+    t = np.asarray(jax.vmap(low.draw_level)(keys))
+    share = 0.5 + 0.5 * (0.1 - 0.01) / (0.98 - 0.01)
+    assert t.min() >= 0.01 and t.max() <= 0.98
+    assert abs(np.mean(t <= 0.1) - share) < 0.015  # ~4 standard errors
+    below = t[t <= 0.1]
+    assert abs(np.mean(below <= 0.055) - 0.5) < 0.02  # uniform on [0.01, 0.1]
+    with pytest.raises(ValueError, match="low_noise_fraction"):
+        DistributionMatching(teacher, n_steps=1, low_noise_fraction=1.5)
+    with pytest.raises(ValueError, match="low_noise_t_max"):
+        DistributionMatching(teacher, n_steps=1, t_low=0.2, low_noise_fraction=0.5, low_noise_t_max=0.1)

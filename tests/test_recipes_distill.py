@@ -7,6 +7,7 @@ import os
 import subprocess
 from dataclasses import replace
 
+import equinox as eqx
 import jax
 import jax.random as jr
 import numpy as np
@@ -15,11 +16,14 @@ from helpers import load_recipe
 
 from sde_mol import checkpoint
 from sde_mol.latent import AutoencoderConfig, load_autoencoder, load_latent
+from sde_mol.objectives.distribution_matching import GeneratorPair
+from sde_mol.run import recipe as rr
 from sde_mol.run.build import build_denoiser
 from sde_mol.run.configs import DataConfig, ModelConfig, ModelSpec, OptimConfig, SamplerConfig, to_dict
 from sde_mol.run.load import load_denoiser
 from sde_mol.run.progressive import TrajectoryConfig
 from sde_mol.training.loop import LoopConfig
+from sde_mol.training.state import init_state
 
 TINY = ModelSpec(ModelConfig(hidden=8, n_layers=1))
 
@@ -295,7 +299,10 @@ def test_nfe_table_and_pd_levels_on_a_tiny_run(tiny_teacher, tmp_path):
     )  # fmt: skip
     lines = (out / "table.md").read_text().splitlines()[2:]
     methods = sorted(line.split(" | ")[1] for line in lines)
-    assert methods == ["pd", "teacher, DDIM", "teacher, PF-ODE heun (Karras)", "teacher, respaced ancestral"]
+    assert methods == [
+        "pd", "teacher, DDIM", "teacher, PF-ODE heun (Karras)", "teacher, respaced ancestral",
+        "teacher, respaced ancestral (Karras grid)",
+    ]  # fmt: skip
     assert all(line.endswith("| 3 |") for line in lines)  # every row scored its 3 molecules
     levels = load_script(ROOT / "experiments" / "pd_levels.py", "pd_levels")
     report = levels.main(levels.Config(student=student, teacher=tiny_teacher, continuous_time=True, n_valid=4))
@@ -352,6 +359,44 @@ def test_dmd_distill_trains_both_networks_resumes_and_samples(tiny_teacher, tmp_
     )
     with pytest.raises(ValueError, match="steps"):
         dmd.main(replace(cfg, steps=4, resume=tmp_path / "run" / "last.eqx"))
+    # carry.eqx: the state less the fake's EMA and optimiser moments; resuming from it restores the generator's
+    # weights, EMA and optimiser state exactly and restarts the fake's optimiser
+    last, carried = tmp_path / "run" / "last.eqx", tmp_path / "run" / "carry.eqx"
+    assert carried.stat().st_size < 0.7 * last.stat().st_size
+    twin = rr.checkpoint_teacher(tiny_teacher, continuous_time=True, latent_ok=False)[0]  # what the recipe trains
+    pair = GeneratorPair(twin, twin)
+    state, back = dmd.load_state(last, pair), dmd.load_state(carried, pair)
+    fresh = init_state(pair, dmd.optimizer_for(cfg.optim, cfg.fake_lr_scale))
+
+    def same(a, b):
+        leaves_a, leaves_b = (jax.tree.leaves(eqx.filter(tree, eqx.is_array)) for tree in (a, b))
+        return len(leaves_a) == len(leaves_b) and all(map(np.array_equal, leaves_a, leaves_b))
+
+    assert int(back.step) == int(state.step) == 3
+    assert same(back.model, state.model) and same(back.ema_model.generator, state.ema_model.generator)
+    assert same(back.opt_state.inner_states["generator"], state.opt_state.inner_states["generator"])
+    assert same(back.opt_state.inner_states["fake"], fresh.opt_state.inner_states["fake"])
+    assert not same(state.opt_state.inner_states["fake"], fresh.opt_state.inner_states["fake"])
+    assert same(back.ema_model.fake, state.model.fake)
+    assert same(state.ema_model.generator.net, student.net)  # the student is the EMA generator
+    with pytest.raises(ValueError, match="steps"):
+        dmd.main(replace(cfg, steps=4, resume=carried))
+    # the teacher is known by its content: a copy elsewhere continues the run
+    (tmp_path / "moved").mkdir()
+    moved_teacher = tmp_path / "moved" / "teacher.eqx"
+    moved_teacher.write_bytes(tiny_teacher.read_bytes())
+    moved = dmd.main(replace(cfg, teacher=moved_teacher, resume=carried, train=replace(cfg.train, steps=4)))
+    assert moved["step"] == 4 and checkpoint.read_header(carried)["step"] == 4
+    # --init-from: the networks of a run start another with other levels (new optimiser, step 0, its start scored)
+    low = replace(cfg, low_noise_fraction=0.5, low_noise_t_max=0.1, t_low=0.01, out_dir=tmp_path / "low")
+    with pytest.raises(ValueError, match="differs from the requested"):  # other levels: another run
+        dmd.main(replace(low, out_dir=tmp_path / "run", resume=carried))
+    dmd.main(replace(low, init_from=carried, train=replace(cfg.train, steps=1)))
+    rows = [json.loads(x) for x in (tmp_path / "low" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" in r] == [0, 1]
+    started = dmd.load_state(tmp_path / "low" / "last.eqx", pair)
+    assert int(started.step) == 1
+    assert checkpoint.read_header(tmp_path / "low" / "last.eqx")["config"]["distillation"]["low_noise_fraction"] == 0.5
     sample = _recipe("sample")
     capsys.readouterr()
     sample.main(
@@ -365,8 +410,43 @@ def test_dmd_distill_trains_both_networks_resumes_and_samples(tiny_teacher, tmp_
     for bad in ({"steps": 0}, {"t_low": 0.5, "t_high": 0.4}):
         with pytest.raises(UsageError, match="--steps"):
             dmd.main(replace(cfg, out_dir=tmp_path / "bad", **bad))
+    for bad in ({"low_noise_fraction": 1.5}, {"low_noise_fraction": 0.5, "low_noise_t_max": 0.01}):
+        with pytest.raises(UsageError, match="--low-noise-fraction"):
+            dmd.main(replace(cfg, out_dir=tmp_path / "bad", **bad))
+    with pytest.raises(UsageError, match="exclude"):
+        dmd.main(replace(cfg, out_dir=tmp_path / "bad", resume=carried, init_from=carried))
+    with pytest.raises(UsageError, match="--init-from"):
+        dmd.main(replace(cfg, out_dir=tmp_path / "bad", init_from=tmp_path / "missing.eqx"))
     with pytest.raises(UsageError, match="--guide.checkpoint"):
         dmd.main(replace(cfg, out_dir=tmp_path / "bad", guide=GuideConfig(weight=3.0)))
     with pytest.raises(FileNotFoundError, match="--teacher"):
         dmd.main(replace(cfg, out_dir=tmp_path / "bad", teacher=tmp_path / "missing.eqx"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_sample_levels_probe_compares_molecules_with_the_data(tiny_teacher, tmp_path):
+    """experiments/sample_levels.py: the validation molecules themselves, read back from an SDF, give the data's
+    errors (ratio 1 at every level, up to the file's 4 decimals); a set with one atom placed 300 A out counts one
+    spread-out molecule; the report has one row per level."""
+    from helpers import ROOT, load_script
+
+    from sde_mol.data.qm9 import load_qm9
+    from sde_mol.io import write_sdf
+
+    valid = load_qm9("valid").subset(slice(0, 6))
+    write_sdf(tmp_path / "copy.sdf", valid.centred_positions(), valid.atom_types)
+    far = valid.centred_positions().copy()
+    far[2, 0] += 300.0
+    write_sdf(tmp_path / "far.sdf", far, valid.atom_types)
+    probe = load_script(ROOT / "experiments" / "sample_levels.py", "sample_levels")
+    levels = (0.01, 0.5)
+    report = probe.main(
+        probe.Config(samples=(tmp_path / "copy.sdf", tmp_path / "far.sdf"), teacher=tiny_teacher, levels=levels,
+                     n_valid=6, chunk=4)
+    )  # fmt: skip
+    copy, far_key = str(tmp_path / "copy.sdf"), str(tmp_path / "far.sdf")
+    assert report["spread_out"] == {"qm9/valid": 0, copy: 0, far_key: 1}
+    np.testing.assert_allclose(report["median_ratio_to_data"][copy], 1.0, rtol=1e-2)
+    np.testing.assert_allclose(report["mean_ratio_to_data"][copy], 1.0, rtol=1e-2)
+    assert len(report["eps_mse_median"][far_key]) == len(levels)
+    assert report["mean_ratio_to_data"][far_key] != report["mean_ratio_to_data"][copy]

@@ -102,6 +102,15 @@ def checkpoint_teacher(path: Path, *, continuous_time: bool, latent_ok: bool) ->
     return teacher, spec, autoencoder, extra
 
 
+def check_same_run(resume: Path, full: dict, keys: tuple[str, ...], recorded_later: dict | None = None) -> None:
+    """Refuse to resume `resume` unless its recorded config agrees with `full` on every field of `keys`
+    (`recorded_later`: the values of fields a file written before they existed had)."""
+    stored = dict(recorded_later or {}) | checkpoint.read_header(resume)["config"].get("full", {})
+    for key in keys:
+        if stored.get(key) != full[key]:
+            raise ValueError(f"{resume}: its {key} {stored.get(key)!r} differs from the requested {full[key]!r}")
+
+
 def initial_state(
     model: HasNet,
     optimizer: optax.GradientTransformation,
@@ -116,10 +125,7 @@ def initial_state(
     on every field of `keys` (a resumed run continues the same run)."""
     if resume is None:
         return init_state(model, optimizer, with_target=with_target)
-    stored = checkpoint.read_header(resume)["config"].get("full", {})
-    for key in keys:
-        if stored.get(key) != full[key]:
-            raise ValueError(f"{resume}: its {key} {stored.get(key)!r} differs from the requested {full[key]!r}")
+    check_same_run(resume, full, keys)
     like = eqx.filter_eval_shape(lambda: init_state(model, optimizer, with_target=with_target))
     state = checkpoint.load(resume, like, kind=kind)
     print(f"resumed from {resume} at step {int(state.step)}")
