@@ -14,7 +14,7 @@ Usage:
         samples/dmd_4_1000
     python experiments/sample_levels.py --samples samples/x/samples.sdf --teacher checkpoints/edm_qm9_base.eqx
 
-Figures: experiments/NOTES.md, "Distribution matching distillation of the QM9 teacher".
+Figures: experiments/NOTES.md, "At which noise levels few-step samples are wrong".
 """
 
 import json
